@@ -1,0 +1,173 @@
+"""Per-task gradients of a shared subtree, and splitting a parameter tree into shared / rest.
+
+Every affinity function takes a ``loss_fn(shared, rest, batch) -> (T,)`` returning one loss per
+task: ``shared`` is the subtree whose per-task gradients are wanted (the encoder, θ_s), ``rest``
+everything else (heads, BatchNorm statistics, routing masks -- whatever the loss needs), and
+``batch`` the data. ``loss_fn`` must be pure; see :mod:`tr_jax.affinity.lookahead` for what
+that means for BatchNorm.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Collection, Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree, Any], jax.Array]
+Path = tuple[str, ...]
+
+
+def check_losses(losses: Any, where: str = "loss_fn") -> int:
+    """Checks that ``losses`` is a float vector (T,) with T >= 1 and returns T."""
+    shape = getattr(losses, "shape", None)
+    if shape is None or len(shape) != 1 or shape[0] < 1:
+        raise ValueError(
+            f"{where} must return the per-task losses as a vector of shape (T,), got "
+            f"{'shape ' + str(shape) if shape is not None else type(losses).__name__}. Return "
+            f"one loss per task (e.g. the mean over the batch of each task's loss), not their "
+            f"sum and not a (B, T) array.")
+    if not jnp.issubdtype(losses.dtype, jnp.floating):
+        raise ValueError(f"{where} must return floating-point losses, got dtype {losses.dtype}.")
+    return int(shape[0])
+
+
+def check_shared(shared: PyTree) -> None:
+    """Raises a clear error when the shared tree has no array leaves."""
+    if not jax.tree.leaves(shared):
+        raise ValueError(
+            "shared is an empty tree: there are no shared parameters to differentiate. Pass "
+            "the shared encoder's parameters, e.g. shared, rest = tr_jax.affinity."
+            "split_params(params, ('encoder',)).")
+
+
+def per_task_grads(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, *,
+                   chunk_size: int | None = None) -> tuple[jax.Array, PyTree]:
+    """Per-task losses and per-task gradients of the shared parameters, one forward pass.
+
+    Runs ``loss_fn`` once under :func:`jax.vjp`, then pulls back the T one-hot cotangents
+    e_1 .. e_T, vmapped over tasks: the forward's residuals are shared by all T backward
+    passes. Row i of the result is dL_i/d shared.
+
+    Args:
+      loss_fn: ``loss_fn(shared, rest, batch) -> (T,)`` per-task losses (no auxiliary
+        outputs: close over or recompute anything else you need).
+      shared: the shared parameter tree θ_s (at least one array leaf).
+      rest: everything else ``loss_fn`` needs (not differentiated).
+      batch: the batch, passed through unchanged.
+      chunk_size: pull back at most this many cotangents at once (``jax.lax.map`` with
+        ``batch_size``) to bound memory at large T; None vmaps all T at once.
+
+    Returns:
+      ``(losses, grads)``: losses (T,) and grads, a tree shaped like ``shared`` whose every
+      leaf has a leading task axis T.
+
+    Raises:
+      ValueError: if ``shared`` is empty, ``loss_fn`` does not return a (T,) float vector, or
+        ``chunk_size`` is not a positive int.
+    """
+    check_shared(shared)
+    check_chunk_size(chunk_size)
+    losses, pullback = jax.vjp(lambda s: loss_fn(s, rest, batch), shared)
+    num_tasks = check_losses(losses)
+    one_hots = jnp.eye(num_tasks, dtype=losses.dtype)
+    (grads,) = map_tasks(pullback, one_hots, "vmap" if chunk_size is None else "chunked",
+                         chunk_size)
+    return losses, grads
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    """Raises unless ``chunk_size`` is None or a positive int."""
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+
+
+def map_tasks(fn: Callable, xs: PyTree, strategy: str, chunk_size: int | None = None):
+    """Applies ``fn`` to every slice along the leading (task) axis of ``xs`` and stacks.
+
+    Args:
+      fn: function of one task's slice.
+      xs: tree whose leaves share a leading axis T.
+      strategy: ``"vmap"`` (one batched call), ``"unrolled"`` (a Python loop: T calls traced
+        one after the other into the same jit) or ``"chunked"`` (``jax.lax.map`` with
+        ``batch_size=chunk_size``: vmap inside chunks, chunks run sequentially in a loop).
+      chunk_size: tasks per chunk for ``"chunked"``.
+
+    Returns:
+      The stacked outputs, leading axis T.
+    """
+    if strategy == "vmap":
+        return jax.vmap(fn)(xs)
+    num = jax.tree.leaves(xs)[0].shape[0]
+    if strategy == "unrolled":
+        outs = [fn(jax.tree.map(lambda a, i=i: a[i], xs)) for i in range(num)]
+        return jax.tree.map(lambda *o: jnp.stack(o), *outs)
+    if strategy == "chunked":
+        return jax.lax.map(fn, xs, batch_size=chunk_size or num)
+    raise ValueError(f"unknown strategy {strategy!r}; use 'vmap', 'unrolled' or 'chunked'.")
+
+
+def _normalize_shared(shared: Callable[[Path], bool] | Collection[str | Path]
+                      ) -> Callable[[Path], bool]:
+    if callable(shared):
+        return shared
+    prefixes = [(p,) if isinstance(p, str) else tuple(p) for p in shared]
+    if not prefixes:
+        raise ValueError("shared names no parameters: give at least one key, e.g. ('encoder',).")
+    return lambda path: any(path[:len(p)] == p for p in prefixes)
+
+
+def split_params(params: Mapping, shared: Callable[[Path], bool] | Collection[str | Path]
+                 = ("encoder",)) -> tuple[dict, dict]:
+    """Splits a nested-dict parameter tree into the shared subtree and the rest.
+
+    Both halves keep the original nesting with only their own leaves, so
+    ``merge_params(*split_params(p, s)) == p``.
+
+    Args:
+      params: nested dict of arrays (e.g. a Flax model's ``variables["params"]``).
+      shared: which leaves are shared: top-level keys or path prefixes (tuples of keys), e.g.
+        ``("encoder",)`` or ``[("encoder", "ConvNormRoute_0")]``, or a predicate
+        ``path -> bool`` on a leaf's key path (a tuple of str).
+
+    Returns:
+      ``(shared_tree, rest_tree)``.
+
+    Raises:
+      ValueError: if no leaf is selected as shared.
+    """
+    is_shared = _normalize_shared(shared)
+    flat = traverse_util.flatten_dict(dict(params))
+    shared_flat = {k: v for k, v in flat.items() if is_shared(k)}
+    if not shared_flat:
+        raise ValueError(
+            f"split_params selected no shared leaves with shared={shared!r}; top-level keys "
+            f"are {sorted({k[0] for k in flat})}.")
+    rest_flat = {k: v for k, v in flat.items() if not is_shared(k)}
+    return (traverse_util.unflatten_dict(shared_flat), traverse_util.unflatten_dict(rest_flat))
+
+
+def merge_params(shared: Mapping, rest: Mapping) -> dict:
+    """Inverse of :func:`split_params`: the union of two nested dicts with disjoint leaves."""
+    flat_shared = traverse_util.flatten_dict(dict(shared))
+    flat_rest = traverse_util.flatten_dict(dict(rest))
+    overlap = flat_shared.keys() & flat_rest.keys()
+    if overlap:
+        raise ValueError(f"shared and rest both hold the leaves {sorted(overlap)[:3]}...")
+    return traverse_util.unflatten_dict({**flat_rest, **flat_shared})
+
+
+def select_like(tree: Mapping, like: Mapping) -> dict:
+    """The leaves of nested dict ``tree`` at the key paths of nested dict ``like``."""
+    flat = traverse_util.flatten_dict(dict(tree))
+    return traverse_util.unflatten_dict(
+        {k: flat[k] for k in traverse_util.flatten_dict(dict(like))})
+
+
+def assert_task_axis(grads: PyTree, shared: PyTree, num_tasks: int) -> None:
+    """chex check: every leaf of ``grads`` is (T, *shape of the matching shared leaf)."""
+    chex.assert_trees_all_equal_structs(grads, shared)
+    for g, s in zip(jax.tree.leaves(grads), jax.tree.leaves(shared)):
+        chex.assert_shape(g, (num_tasks, *s.shape))
