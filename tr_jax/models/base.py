@@ -88,8 +88,9 @@ def apply_all_tasks(model: MultiTaskModel, variables: dict, x: jax.Array, *,
                     rngs: dict | None = None) -> tuple[jax.Array, Any]:
     """Logits of every task for every example.
 
-    Unrouted models need one forward. Routed models run the trunk once per task, batched with
-    ``jax.lax.map(..., batch_size=chunk_size)`` (vmap inside chunks of ``chunk_size`` tasks).
+    Unrouted models need one forward. Routed models run the trunk once per task: vmapped over
+    all tasks, or with ``chunk_size`` vmapped inside chunks of that many tasks that
+    ``jax.lax.map`` runs one after the other (bounds memory at T = 312).
 
     Args:
       model: a :class:`MultiTaskModel`.
@@ -113,7 +114,10 @@ def apply_all_tasks(model: MultiTaskModel, variables: dict, x: jax.Array, *,
         logits, updates = forward(None)
     else:
         tasks = jnp.arange(model.num_tasks)
-        logits, updates = jax.lax.map(forward, tasks, batch_size=chunk_size)
+        if chunk_size is None or chunk_size >= model.num_tasks:
+            logits, updates = jax.vmap(forward)(tasks)
+        else:
+            logits, updates = jax.lax.map(forward, tasks, batch_size=chunk_size)
         logits = jnp.moveaxis(logits, 0, 1)
         if updates is not None:
             updates = jax.tree.map(lambda a: a.mean(0), updates)

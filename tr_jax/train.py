@@ -1,0 +1,259 @@
+"""Train state, jitted train and eval steps for routed many-task models.
+
+The train state is a plain pytree (:class:`TrainState`): parameters, BatchNorm statistics,
+routing masks (outside the optimizer), optimizer state, step, RNG and the running TAG affinity
+sum. The model and optimizer are not part of it; they are given to the step factories.
+
+Training modes (DESIGN §2):
+
+* ``"task_per_batch"`` -- the paper: the whole batch is routed through one task
+  (``batch["task"]`` an int scalar), tasks visited in shuffled order by the loop.
+* ``"per_example"`` -- each example carries its task id (``batch["task"]`` (B,)): one forward
+  trains many tasks at the cost of one.
+* ``"all_tasks"`` -- every example through every task (one trunk forward for unrouted models,
+  one per task for routed ones); the loss is the sum of the per-task losses (TAG's objective).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tr_jax import losses as losses_lib
+from tr_jax import routing
+from tr_jax.models import MultiTaskModel, apply_all_tasks
+
+Mode = Literal["task_per_batch", "per_example", "all_tasks"]
+MODES = ("task_per_batch", "per_example", "all_tasks")
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a run carries from step to step (a pytree; checkpointed as a whole).
+
+    Attributes:
+      step: int32 scalar, optimizer steps taken.
+      params: trained parameters ({"encoder": ..., "head": ...}).
+      batch_stats: BatchNorm running statistics ({} when the model has none).
+      routing: the fixed routing masks ({} for unrouted models); never seen by the optimizer.
+      opt_state: optimizer state over ``params`` only.
+      rng: PRNG key for stochastic layers.
+      affinity_sum: float32 (T, T), running sum of the measured affinity matrices.
+      affinity_count: int32 scalar, number of steps that measured affinity.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    routing: Any
+    opt_state: Any
+    rng: jax.Array
+    affinity_sum: jax.Array
+    affinity_count: jax.Array
+
+    @property
+    def variables(self) -> dict:
+        """The model's variables, as ``model.apply`` takes them."""
+        out = {"params": self.params, "routing": self.routing}
+        if self.batch_stats:
+            out["batch_stats"] = self.batch_stats
+        return out
+
+
+def create_train_state(model: MultiTaskModel, optimizer: optax.GradientTransformation,
+                       key: chex.PRNGKey, sample_batch: dict) -> TrainState:
+    """Initialises a model and its optimizer.
+
+    Parameters, routing masks and the step RNG come from independent streams split off
+    ``key``, so the masks do not change when the parameter initialisation does.
+
+    Args:
+      model: a :class:`~tr_jax.models.MultiTaskModel`.
+      optimizer: an optax transformation; it only ever sees ``params``.
+      key: PRNG key.
+      sample_batch: a batch (only ``sample_batch["image"]``'s shape and dtype are used).
+
+    Returns:
+      The initial :class:`TrainState`.
+    """
+    k_params, k_routing, k_rng = jax.random.split(key, 3)
+    x = jnp.asarray(sample_batch["image"][:1])
+    variables = model.init({"params": k_params, "routing": k_routing}, x, 0, train=False)
+    params = variables["params"]
+    t = model.num_tasks
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}),
+                      routing=variables.get(routing.ROUTING, {}),
+                      opt_state=optimizer.init(params), rng=k_rng,
+                      affinity_sum=jnp.zeros((t, t), jnp.float32),
+                      affinity_count=jnp.zeros((), jnp.int32))
+
+
+def check_batch(batch: dict, num_tasks: int, mode: Mode) -> None:
+    """Raises a clear error when a batch does not fit the model and training mode."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}.")
+    for key in ("image", "labels"):
+        if key not in batch:
+            raise KeyError(f"batch has no {key!r} entry; got keys {sorted(batch)}.")
+    b = np.shape(batch["image"])[0]
+    if np.shape(batch["labels"]) != (b, num_tasks):
+        raise ValueError(f"batch['labels'] must have shape (B, T) = ({b}, {num_tasks}); got "
+                         f"{np.shape(batch['labels'])}.")
+    if "label_mask" in batch and np.shape(batch["label_mask"]) != (b, num_tasks):
+        raise ValueError(f"batch['label_mask'] must have shape ({b}, {num_tasks}); got "
+                         f"{np.shape(batch['label_mask'])}.")
+    if mode != "all_tasks":
+        if "task" not in batch:
+            raise KeyError(f"mode={mode!r} needs batch['task'] "
+                           f"({'an int scalar' if mode == 'task_per_batch' else 'ints (B,)'}).")
+        want = () if mode == "task_per_batch" else (b,)
+        if np.shape(batch["task"]) != want:
+            raise ValueError(f"mode={mode!r} needs batch['task'] of shape {want}; got "
+                             f"{np.shape(batch['task'])}.")
+        routing.check_task_ids(batch["task"], num_tasks, b)
+
+
+def model_losses(model: MultiTaskModel, variables: dict, batch: dict, mode: Mode, *,
+                 train: bool, chunk_size: int | None = None
+                 ) -> tuple[jax.Array, jax.Array, Any]:
+    """Loss of one batch under a training mode.
+
+    Args:
+      model: the model.
+      variables: its variables (params, routing, optional batch_stats).
+      batch: {"image", "labels" (B, T), optional "label_mask" (B, T), "task" for routed modes}.
+      mode: training mode.
+      train: BatchNorm in training mode (batch statistics; updates returned).
+      chunk_size: tasks per vmapped chunk for ``"all_tasks"`` on routed models.
+
+    Returns:
+      (total loss scalar, per-task losses (T,), new batch_stats or None).
+    """
+    x, labels, mask = batch["image"], batch["labels"], batch.get("label_mask")
+    if mode == "all_tasks":
+        logits, new_stats = apply_all_tasks(model, variables, x, train=train,
+                                            chunk_size=chunk_size)
+        per_task = losses_lib.per_task_losses(logits, labels, mask)
+        return per_task.sum(), per_task, new_stats
+    mutable = ["batch_stats"] if train and "batch_stats" in variables else False
+    out = model.apply(variables, x, batch["task"], train, mutable=mutable)
+    logits, updates = out if mutable else (out, {})
+    total, per_task = losses_lib.routed_losses(logits, labels, batch["task"], model.num_tasks,
+                                               mask)
+    return total, per_task, updates.get("batch_stats")
+
+
+def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformation, *,
+                    mode: Mode = "all_tasks", chunk_size: int | None = None,
+                    jit: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
+    """Builds the train step ``(state, batch) -> (state, metrics)``.
+
+    Args:
+      model: the model.
+      optimizer: the optax transformation used by :func:`create_train_state`.
+      mode: ``"task_per_batch"``, ``"per_example"`` or ``"all_tasks"``.
+      chunk_size: tasks per vmapped chunk in ``"all_tasks"`` mode on routed models.
+      jit: return a ``jax.jit``-compiled step (state donated).
+
+    Returns:
+      The step. ``metrics`` holds ``loss`` (scalar), ``task_losses`` (T,) and
+      ``grad_norm``. A non-finite loss leaves the state unchanged and sets ``finite`` False, so
+      the loop can stop and resume from the last checkpoint.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}.")
+
+    def loss_fn(params, state, batch):
+        variables = {**state.variables, "params": params}
+        total, per_task, new_stats = model_losses(model, variables, batch, mode, train=True,
+                                                  chunk_size=chunk_size)
+        return total, (per_task, new_stats)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
+        (total, (per_task, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        finite = jnp.isfinite(total)
+        new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state,
+                            batch_stats=state.batch_stats if new_stats is None else new_stats)
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        return new, {"loss": total, "task_losses": per_task,
+                     "grad_norm": optax.global_norm(grads), "finite": finite}
+
+    return jax.jit(step, donate_argnums=0) if jit else step
+
+
+def make_eval_step(model: MultiTaskModel, *, chunk_size: int | None = None,
+                   jit: bool = True) -> Callable[[TrainState, dict], Metrics]:
+    """Builds ``(state, batch) -> counts``: per-task confusion counts over all tasks.
+
+    Every example is evaluated on every task (``"all_tasks"``), BatchNorm in inference mode.
+    The returned dict holds (T,) float arrays ``tp``, ``tn``, ``fp``, ``fn`` (binary tasks;
+    class 1 = positive) and ``correct``, ``count`` (any K), summed over the batch's labelled
+    examples; add them over batches and call :func:`summarize_counts`.
+    """
+
+    def step(state: TrainState, batch: dict) -> Metrics:
+        logits, _ = apply_all_tasks(model, state.variables, batch["image"], train=False,
+                                    chunk_size=chunk_size)
+        labels = batch["labels"]
+        mask = batch.get("label_mask")
+        mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+        pred = logits.argmax(-1)
+        pos, hit = (labels == 1), (pred == labels)
+        return {"correct": (hit * mask).sum(0), "count": mask.sum(0),
+                "tp": ((hit & pos) * mask).sum(0),
+                "tn": ((hit & ~pos) * mask).sum(0), "fp": ((~hit & ~pos) * mask).sum(0),
+                "fn": ((~hit & pos) * mask).sum(0)}
+
+    return jax.jit(step) if jit else step
+
+
+def summarize_counts(counts: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per-task accuracy and balanced accuracy, and their means over tasks.
+
+    Args:
+      counts: summed outputs of an eval step, (T,) arrays.
+
+    Returns:
+      {"accuracy": (T,), "balanced_accuracy": (T,), "mean_accuracy": float,
+      "mean_balanced_accuracy": float}. Balanced accuracy is the mean of the true-positive and
+      true-negative rates over the classes present.
+    """
+    c = {k: np.asarray(v, np.float64) for k, v in counts.items()}
+    acc = c["correct"] / np.maximum(c["count"], 1)
+    tpr = np.where(c["tp"] + c["fn"] > 0, c["tp"] / np.maximum(c["tp"] + c["fn"], 1), np.nan)
+    tnr = np.where(c["tn"] + c["fp"] > 0, c["tn"] / np.maximum(c["tn"] + c["fp"], 1), np.nan)
+    bal = np.nanmean(np.stack([tpr, tnr]), axis=0)
+    return {"accuracy": acc, "balanced_accuracy": bal, "mean_accuracy": float(acc.mean()),
+            "mean_balanced_accuracy": float(np.nanmean(bal))}
+
+
+def evaluate(eval_step, state: TrainState, batches) -> dict[str, Any]:
+    """Runs ``eval_step`` over ``batches`` and summarizes (see :func:`summarize_counts`)."""
+    total = None
+    for batch in batches:
+        out = jax.device_get(eval_step(state, {k: v for k, v in batch.items()
+                                               if k in ("image", "labels", "label_mask")}))
+        total = out if total is None else jax.tree.map(np.add, total, out)
+    if total is None:
+        raise ValueError("evaluate() got no batches.")
+    return summarize_counts(total)
+
+
+def mean_affinity(state: TrainState) -> jax.Array:
+    """The run-averaged affinity matrix (T, T): running sum over the measured steps / count.
+
+    ``Z[i, j]`` is the effect of a step on source task i onto target task j.
+    """
+    if int(state.affinity_count) == 0:
+        raise ValueError("no affinity has been measured yet: train with affinity=... and at "
+                         "least affinity_every steps.")
+    return state.affinity_sum / state.affinity_count
