@@ -1,0 +1,3 @@
+from tr_jax.cli import main
+
+main()

@@ -1,0 +1,64 @@
+"""``tr-jax`` / ``python -m tr_jax``: the command-line entry points.
+
+  tr-jax                                   quickstart on the offline digits tasks
+  tr-jax train --config CONFIG.py [--config.field=value ...] [--workdir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from absl import flags
+from ml_collections import config_flags
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "experiments" / "configs" / "digits.py"
+
+
+def load_config(path: str, overrides: list[str]):
+    """Loads ``get_config()`` from ``path`` and applies ``--config.a.b=value`` overrides."""
+    if not Path(path).is_file():
+        raise SystemExit(f"config file {path} does not exist; configs live in "
+                         f"{REPO / 'experiments' / 'configs'}.")
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", path, "experiment config", flag_values=fv)
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        raise SystemExit(f"unknown arguments {bad}; override config fields as --config.name=value.")
+    fv(["tr-jax"] + overrides)
+    return fv.config
+
+
+def _train(args, overrides) -> None:
+    from tr_jax.experiment import format_accuracy_table, train_and_evaluate
+
+    config = load_config(args.config, overrides)
+    result = train_and_evaluate(config, args.workdir)
+    print(format_accuracy_table(result))
+    print(f"results and metrics written to {os.path.abspath(args.workdir)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tr-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("train", help="train a config and evaluate every task")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (get_config())")
+    p.add_argument("--workdir", default="runs/train", help="where metrics and results go")
+    p.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``tr-jax`` and ``python -m tr_jax``."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        argv = ["train", "--workdir", "runs/quickstart"]
+    args, overrides = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        raise SystemExit(2)
+    args.func(args, overrides)

@@ -1,0 +1,150 @@
+"""Runs an experiment from a config: builds data, model and optimizer, trains, evaluates.
+
+``train_and_evaluate(config, workdir)`` is what ``tr-jax train`` and the study scripts call
+(the Flax-examples convention). Configs are ``ml_collections.ConfigDict`` files in
+``experiments/configs/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from tr_jax import models, train
+from tr_jax.data import ArrayDataset, load_digits, task_subset
+from tr_jax.metrics import MetricWriter
+
+MODELS = {"RoutedVGG": models.RoutedVGG, "RoutedResNet": models.RoutedResNet,
+          "RoutedResNet18": models.RoutedResNet18, "SmallCNN": models.SmallCNN,
+          "MLP": models.MLP}
+
+
+def build_dataset(config: ml_collections.ConfigDict) -> ArrayDataset:
+    """The dataset named by ``config.dataset``, restricted to ``config.tasks`` if given."""
+    name = config.dataset
+    if name == "digits":
+        dataset = load_digits()
+    elif name == "synthetic":
+        from tr_jax.data.synthetic import make_planted_tasks
+        dataset = make_planted_tasks(**config.get("dataset_kwargs", {}))
+    else:
+        raise ValueError(f"config.dataset={name!r} is unknown; use 'digits' or 'synthetic' "
+                         "(CelebA and CUB stream through tr_jax.data.celeba / tr_jax.data.cub).")
+    tasks = tuple(config.get("tasks", ()))
+    return task_subset(dataset, tasks) if tasks else dataset
+
+
+def build_model(config: ml_collections.ConfigDict, num_tasks: int) -> models.MultiTaskModel:
+    """``config.model`` with ``num_tasks``, ``config.sharing`` (None: unrouted) and kwargs."""
+    if config.model not in MODELS:
+        raise ValueError(f"config.model={config.model!r} is unknown; use one of {list(MODELS)}.")
+    sharing = config.get("sharing")
+    return MODELS[config.model](num_tasks=num_tasks, sharing=sharing,
+                                scheme=config.get("scheme", "random"),
+                                **dict(config.get("model_kwargs", {})))
+
+
+def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
+                    ) -> optax.GradientTransformation:
+    """SGD (with momentum) or Adam, learning rate multiplied by ``lr_decay`` every
+    ``lr_decay_epochs`` epochs (0: constant)."""
+    lr: Any = config.learning_rate
+    if config.get("lr_decay_epochs", 0):
+        lr = optax.exponential_decay(config.learning_rate,
+                                     config.lr_decay_epochs * steps_per_epoch,
+                                     config.get("lr_decay", 0.5), staircase=True)
+    if config.optimizer == "sgd":
+        return optax.sgd(lr, momentum=config.get("momentum") or None)
+    if config.optimizer == "adam":
+        return optax.adam(lr)
+    raise ValueError(f"config.optimizer={config.optimizer!r} is unknown; use 'sgd' or 'adam'.")
+
+
+def route_batch(batch: dict, mode: str, num_tasks: int, rng: np.random.Generator,
+                task_order: np.ndarray, step_in_epoch: int) -> dict:
+    """Adds ``batch["task"]`` for the routed training modes.
+
+    ``"task_per_batch"`` visits tasks in the epoch's shuffled ``task_order``;
+    ``"per_example"`` draws one task per example uniformly.
+    """
+    if mode == "task_per_batch":
+        return {**batch, "task": np.int32(task_order[step_in_epoch % num_tasks])}
+    if mode == "per_example":
+        return {**batch, "task": rng.integers(0, num_tasks, len(batch["labels"]), np.int32)}
+    return batch
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains ``config`` and evaluates every task on the test split.
+
+    Writes ``metrics.jsonl`` (and TensorBoard events) and ``results.json`` to ``workdir``.
+
+    Returns:
+      {"task_names", "accuracy" (per task), "balanced_accuracy", "mean_accuracy",
+      "mean_balanced_accuracy", "steps"}.
+    """
+    dataset = build_dataset(config)
+    t = dataset.num_tasks
+    steps_per_epoch = dataset.steps_per_epoch("train", config.batch_size)
+    model = build_model(config, t)
+    optimizer = build_optimizer(config, steps_per_epoch)
+    sample = next(dataset.batches("train", config.batch_size))
+    state = train.create_train_state(model, optimizer, jax.random.key(config.seed), sample)
+    train_step = train.make_train_step(model, optimizer, mode=config.mode,
+                                       chunk_size=config.get("chunk_size") or None)
+    eval_step = train.make_eval_step(model, chunk_size=config.get("chunk_size") or None)
+    writer = MetricWriter(workdir)
+    total_steps = config.num_epochs * steps_per_epoch
+    bar = tqdm(total=total_steps, desc=f"{config.model} {config.mode}", unit="step",
+               disable=jax.process_index() != 0 or not config.get("progress", True))
+    for epoch in range(config.num_epochs):
+        rng = np.random.default_rng([config.seed, epoch, 1])
+        task_order = rng.permutation(t)
+        for i, batch in enumerate(dataset.batches("train", config.batch_size, epoch=epoch,
+                                                  seed=config.seed)):
+            batch = route_batch(batch, config.mode, t, rng, task_order, i)
+            if i == 0 and epoch == 0:
+                train.check_batch(batch, t, config.mode)
+            state, metrics = train_step(state, batch)
+            if not bool(metrics["finite"]):
+                raise FloatingPointError(
+                    f"non-finite loss at step {int(state.step)} (epoch {epoch}); the state was "
+                    "left at the last finite step. Lower config.learning_rate, or resume from "
+                    "the last checkpoint.")
+            bar.update()
+            if int(state.step) % config.get("log_every_steps", 50) == 0:
+                writer.write(int(state.step), {"loss": metrics["loss"],
+                                               "grad_norm": metrics["grad_norm"]})
+                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+    bar.close()
+    result = train.evaluate(eval_step, state,
+                            dataset.batches("test", config.get("eval_batch_size", 256),
+                                            shuffle=False, drop_remainder=False))
+    writer.write(int(state.step), {"test_mean_accuracy": result["mean_accuracy"],
+                                   "test_mean_balanced_accuracy":
+                                       result["mean_balanced_accuracy"]})
+    writer.close()
+    out = {"task_names": list(dataset.task_names), "steps": int(state.step),
+           **{k: np.asarray(v).tolist() for k, v in result.items()}}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+def format_accuracy_table(result: dict[str, Any]) -> str:
+    """A plain-text table of per-task and mean accuracy / balanced accuracy."""
+    width = max(len(n) for n in result["task_names"]) + 2
+    lines = [f"{'task':<{width}}{'accuracy':>10}{'balanced':>10}"]
+    for name, acc, bal in zip(result["task_names"], result["accuracy"],
+                              result["balanced_accuracy"]):
+        lines.append(f"{name:<{width}}{acc:>10.4f}{bal:>10.4f}")
+    lines.append(f"{'mean':<{width}}{result['mean_accuracy']:>10.4f}"
+                 f"{result['mean_balanced_accuracy']:>10.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""Metric writers: JSON lines (always) and TensorBoard event files, by process 0 only."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+def _jsonable(value: Any) -> Any:
+    value = np.asarray(jax.device_get(value))
+    return value.item() if value.ndim == 0 else value.tolist()
+
+
+class MetricWriter:
+    """Writes ``{"step": s, **scalars}`` lines to ``workdir/metrics.jsonl`` and the scalars to
+    TensorBoard (``workdir/tensorboard``). Only process 0 writes; others are no-ops.
+
+    Args:
+      workdir: run directory.
+      tensorboard: also write TensorBoard event files (tensorboardX).
+    """
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.active = jax.process_index() == 0
+        self._tb = None
+        if not self.active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Writes one record; array-valued metrics go to JSON only."""
+        if not self.active:
+            return
+        record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.active:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
