@@ -1,7 +1,7 @@
 """``tr-jax`` / ``python -m tr_jax``: the command-line entry points.
 
   tr-jax                                   quickstart on the offline digits tasks
-  tr-jax train --config CONFIG.py [--config.field=value ...] [--workdir DIR]
+  tr-jax train --config CONFIG.py[:ARG] [--config.field=value ...] [--workdir DIR] [--resume]
 """
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from ml_collections import config_flags
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "experiments" / "configs" / "digits.py"
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped by SIGTERM after saving a checkpoint
 
 
 def load_config(path: str, overrides: list[str]):
-    """Loads ``get_config()`` from ``path`` and applies ``--config.a.b=value`` overrides."""
-    if not Path(path).is_file():
+    """Loads ``get_config()`` (``get_config(ARG)`` for ``path:ARG``) from ``path`` and applies
+    ``--config.a.b=value`` overrides."""
+    if not Path(path.split(":", 1)[0]).is_file():
         raise SystemExit(f"config file {path} does not exist; configs live in "
                          f"{REPO / 'experiments' / 'configs'}.")
     fv = flags.FlagValues()
@@ -32,10 +34,15 @@ def load_config(path: str, overrides: list[str]):
 
 
 def _train(args, overrides) -> None:
+    from tr_jax.checkpoint import Preempted
     from tr_jax.experiment import format_accuracy_table, train_and_evaluate
 
     config = load_config(args.config, overrides)
-    result = train_and_evaluate(config, args.workdir)
+    try:
+        result = train_and_evaluate(config, args.workdir, resume=args.resume)
+    except Preempted as stop:
+        print(stop, file=sys.stderr)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     print(format_accuracy_table(result))
     print(f"results and metrics written to {os.path.abspath(args.workdir)}")
 
@@ -47,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a config and evaluate every task")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (get_config())")
     p.add_argument("--workdir", default="runs/train", help="where metrics and results go")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in WORKDIR/checkpoints (needs "
+                        "config.checkpoint_every_steps > 0)")
     p.set_defaults(func=_train)
     return parser
 

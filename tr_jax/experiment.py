@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 from typing import Any
@@ -16,7 +18,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from tr_jax import models, train
+from tr_jax import checkpoint, models, train
 from tr_jax.data import ArrayDataset, load_digits, task_subset
 from tr_jax.metrics import MetricWriter
 
@@ -26,16 +28,28 @@ MODELS = {"RoutedVGG": models.RoutedVGG, "RoutedResNet": models.RoutedResNet,
 
 
 def build_dataset(config: ml_collections.ConfigDict) -> ArrayDataset:
-    """The dataset named by ``config.dataset``, restricted to ``config.tasks`` if given."""
+    """The dataset named by ``config.dataset``, restricted to ``config.tasks`` if given.
+
+    ``"celeb_a"`` and ``"cub"`` stream from prepared TFDS data in ``config.data_dir`` (loader
+    options in ``config.dataset_kwargs``); their tasks are ``config.tasks`` (names/indices) or,
+    when empty, the first ``config.num_tasks``.
+    """
     name = config.dataset
+    kwargs = config.get("dataset_kwargs", ml_collections.ConfigDict()).to_dict()
+    if name in ("celeb_a", "cub"):
+        from tr_jax.data.celeba import load_celeba
+        from tr_jax.data.cub import load_cub
+        loader = load_celeba if name == "celeb_a" else load_cub
+        return loader(config.get("data_dir"), tasks=config.get("tasks") or config.get("num_tasks"),
+                      **kwargs)
     if name == "digits":
         dataset = load_digits()
     elif name == "synthetic":
         from tr_jax.data.synthetic import make_planted_tasks
-        dataset = make_planted_tasks(**config.get("dataset_kwargs", {}))
+        dataset = make_planted_tasks(**kwargs)
     else:
-        raise ValueError(f"config.dataset={name!r} is unknown; use 'digits' or 'synthetic' "
-                         "(CelebA and CUB stream through tr_jax.data.celeba / tr_jax.data.cub).")
+        raise ValueError(f"config.dataset={name!r} is unknown; use 'digits', 'synthetic', "
+                         "'celeb_a' or 'cub'.")
     tasks = tuple(config.get("tasks", ()))
     return task_subset(dataset, tasks) if tasks else dataset
 
@@ -80,10 +94,40 @@ def route_batch(batch: dict, mode: str, num_tasks: int, rng: np.random.Generator
     return batch
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+@dataclasses.dataclass
+class EarlyStopping:
+    """Stops after ``patience`` epochs without a lower validation error (0: never stops).
+
+    The error is 1 - mean accuracy over tasks on ``config.validation_split``.
+    """
+
+    patience: int = 0
+    best: float | None = None
+    bad_epochs: int = 0
+
+    @property
+    def stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def update(self, error: float) -> None:
+        if self.best is None or error < self.best:
+            self.best, self.bad_epochs = error, 0
+        else:
+            self.bad_epochs += 1
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       resume: bool = False) -> dict[str, Any]:
     """Trains ``config`` and evaluates every task on the test split.
 
     Writes ``metrics.jsonl`` (and TensorBoard events) and ``results.json`` to ``workdir``.
+    With ``config.checkpoint_every_steps`` > 0, checkpoints go to ``workdir/checkpoints``
+    every that many steps, at the end, and on SIGTERM (saved at the next step boundary, then
+    :class:`tr_jax.checkpoint.Preempted` is raised); ``resume=True`` continues from the newest
+    intact checkpoint (or starts afresh when there is none) exactly as an uninterrupted run.
 
     Returns:
       {"task_names", "accuracy" (per task), "balanced_accuracy", "mean_accuracy",
@@ -99,37 +143,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_step = train.make_train_step(model, optimizer, mode=config.mode,
                                        chunk_size=config.get("chunk_size") or None)
     eval_step = train.make_eval_step(model, chunk_size=config.get("chunk_size") or None)
-    writer = MetricWriter(workdir)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   checkpoint.fingerprint(model, state, dataset.task_names),
+                                   every_steps=config.get("checkpoint_every_steps", 0),
+                                   keep=config.get("keep_checkpoints", 3), config=config)
+    state, position, loop, _ = ckpt.start(state, resume)
+    begin = position
+    stopper = EarlyStopping(config.get("early_stop_patience", 0), **loop.get("early_stop", {}))
+
+    def evaluate(split):
+        return train.evaluate(eval_step, state,
+                              dataset.batches(split, config.get("eval_batch_size", 256),
+                                              shuffle=False, drop_remainder=False))
+
     total_steps = config.num_epochs * steps_per_epoch
-    bar = tqdm(total=total_steps, desc=f"{config.model} {config.mode}", unit="step",
-               disable=jax.process_index() != 0 or not config.get("progress", True))
-    for epoch in range(config.num_epochs):
-        rng = np.random.default_rng([config.seed, epoch, 1])
-        task_order = rng.permutation(t)
-        for i, batch in enumerate(dataset.batches("train", config.batch_size, epoch=epoch,
-                                                  seed=config.seed)):
-            batch = route_batch(batch, config.mode, t, rng, task_order, i)
-            if i == 0 and epoch == 0:
-                train.check_batch(batch, t, config.mode)
-            state, metrics = train_step(state, batch)
-            if not bool(metrics["finite"]):
-                raise FloatingPointError(
-                    f"non-finite loss at step {int(state.step)} (epoch {epoch}); the state was "
-                    "left at the last finite step. Lower config.learning_rate, or resume from "
-                    "the last checkpoint.")
-            bar.update()
-            if int(state.step) % config.get("log_every_steps", 50) == 0:
-                writer.write(int(state.step), {"loss": metrics["loss"],
-                                               "grad_norm": metrics["grad_norm"]})
-                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-    bar.close()
-    result = train.evaluate(eval_step, state,
-                            dataset.batches("test", config.get("eval_batch_size", 256),
-                                            shuffle=False, drop_remainder=False))
-    writer.write(int(state.step), {"test_mean_accuracy": result["mean_accuracy"],
-                                   "test_mean_balanced_accuracy":
-                                       result["mean_balanced_accuracy"]})
-    writer.close()
+    # Exiting the `with` waits for pending checkpoint saves, also on errors: after a
+    # non-finite loss or SIGTERM the newest checkpoint on disk is the last good step.
+    with ckpt, contextlib.closing(MetricWriter(workdir)) as writer, tqdm(
+            total=total_steps, initial=int(state.step), desc=f"{config.model} {config.mode}",
+            unit="step",
+            disable=jax.process_index() != 0 or not config.get("progress", True)) as bar:
+        for epoch in range(position.epoch, config.num_epochs):
+            if stopper.stop:
+                break
+            task_order = np.random.default_rng([config.seed, epoch, 1]).permutation(t)
+            start = begin.batch if epoch == begin.epoch else 0
+            for i, batch in enumerate(dataset.batches("train", config.batch_size, epoch=epoch,
+                                                      seed=config.seed, start=start), start):
+                rng = np.random.default_rng([config.seed, epoch, 2, i])  # resumable per batch
+                batch = route_batch(batch, config.mode, t, rng, task_order, i)
+                if (epoch, i) == (begin.epoch, begin.batch):
+                    train.check_batch(batch, t, config.mode)
+                state, metrics = train_step(state, batch)
+                if not bool(metrics["finite"]):
+                    raise FloatingPointError(
+                        f"non-finite loss at step {int(state.step)} (epoch {epoch}); the state "
+                        "was left at the last finite step. Lower config.learning_rate, or "
+                        "resume from the last checkpoint.")
+                bar.update()
+                if int(state.step) % config.get("log_every_steps", 50) == 0:
+                    writer.write(int(state.step), {"loss": metrics["loss"],
+                                                   "grad_norm": metrics["grad_norm"]})
+                    bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+                position = checkpoint.Position.after(epoch, i, steps_per_epoch)
+                if position.batch == 0 and stopper.patience:
+                    val = evaluate(config.get("validation_split", "validation"))
+                    stopper.update(1.0 - val["mean_accuracy"])
+                    writer.write(int(state.step), {"val_mean_accuracy": val["mean_accuracy"]})
+                ckpt.step_end(state, position, {"early_stop": stopper.state_dict()})
+        ckpt.save(state, position, {"early_stop": stopper.state_dict()}, force=True)
+        result = evaluate("test")
+        writer.write(int(state.step), {"test_mean_accuracy": result["mean_accuracy"],
+                                       "test_mean_balanced_accuracy":
+                                           result["mean_balanced_accuracy"]})
     out = {"task_names": list(dataset.task_names), "steps": int(state.step),
            **{k: np.asarray(v).tolist() for k, v in result.items()}}
     if jax.process_index() == 0:
