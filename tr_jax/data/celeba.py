@@ -6,7 +6,7 @@ Task names are the TFDS attribute feature names (``5_o_Clock_Shadow`` ... ``Youn
 column order of ``list_attr_celeba.txt``). Every label is present (``label_mask`` all True).
 
 tr_jax never downloads at run time: prepare the dataset once with TFDS on a machine with
-internet (``tfds build celeb_a --data_dir DIR``) and pass ``data_dir=DIR``.
+internet (:func:`prepare_celeba`) and pass ``data_dir=DIR``.
 """
 from __future__ import annotations
 
@@ -19,6 +19,17 @@ from tr_jax.data.pipeline import (TaskSpec, TFDSTaskDataset, open_tfds_dataset, 
 TAG_TASKS: tuple[str, ...] = ("5_o_Clock_Shadow", "Black_Hair", "Blond_Hair", "Brown_Hair",
                               "Goatee", "Mustache", "No_Beard", "Rosy_Cheeks", "Wearing_Hat")
 SPLITS: Mapping[str, str] = {"train": "train", "validation": "validation", "test": "test"}
+
+
+def prepare_celeba(data_dir: str | None = None) -> None:
+    """Downloads and prepares TFDS ``celeb_a`` into ``data_dir`` (needs internet; run once).
+
+    Args:
+      data_dir: TFDS data directory (``None``: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+    """
+    import tensorflow_datasets as tfds
+
+    tfds.builder("celeb_a", data_dir=data_dir).download_and_prepare()
 
 
 def load_celeba(data_dir: str | None = None, *, tasks: TaskSpec = None,
@@ -57,12 +68,13 @@ def load_celeba(data_dir: str | None = None, *, tasks: TaskSpec = None,
         return labels, tf.ones_like(labels, tf.bool)
 
     help_text = (
-        f"CelebA is not prepared in the TFDS data_dir {str(builder.data_dir_root)!r} (looked for "
-        f"{str(builder.data_path)!r}). tr_jax does not download at run time. Prepare it once "
-        f"on a machine with internet:\n    tfds build celeb_a --data_dir "
-        f"{builder.data_dir_root}\n(or python -c \"import tensorflow_datasets as tfds; "
-        f"tfds.builder('celeb_a', data_dir='{builder.data_dir_root}').download_and_prepare()"
-        f"\"), then copy that directory here, or pass data_dir= where it already is.")
+        f"CelebA is not prepared in the TFDS data_dir {str(builder.data_dir_root)!r} (looked "
+        f"for {str(builder.data_path)!r}). tr_jax does not download at run time. Prepare it "
+        f"once on a machine with internet (it downloads ~1.4 GB from Google Drive and writes "
+        f"about as much):"
+        f"\n    python -c \"from tr_jax.data.celeba import prepare_celeba; "
+        f"prepare_celeba('{builder.data_dir_root}')\"\nthen copy that directory here, or "
+        f"pass data_dir= where it already is.")
     return open_tfds_dataset(
         builder, name="celeb_a", all_task_names=names,
         task_index=resolve_tasks(names, tasks), label_fn=label_fn,

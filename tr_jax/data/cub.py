@@ -294,5 +294,6 @@ def load_cub(data_dir: str | None = None, *, tasks: TaskSpec = None,
 
     return open_tfds_dataset(
         builder, name="cub2011_attributes", all_task_names=names, task_index=index,
-        label_fn=label_fn, split_specs=splits, image_size=image_size, augment=augment, shuffle_buffer=shuffle_buffer, process_index=process_index,
+        label_fn=label_fn, split_specs=splits, image_size=image_size, augment=augment,
+        shuffle_buffer=shuffle_buffer, process_index=process_index,
         process_count=process_count, not_prepared_help=help_text)

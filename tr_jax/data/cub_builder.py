@@ -2,8 +2,7 @@
 
 Imported lazily by :mod:`tr_jax.data.cub` (it imports TensorFlow Datasets). Reads a manually
 downloaded ``CUB_200_2011/`` directory (see ``MANUAL_DOWNLOAD_INSTRUCTIONS``); build it with
-``tr_jax.data.cub.prepare_cub(manual_dir, data_dir)`` or
-``tfds build tr_jax/data/cub_builder.py --manual_dir DIR --data_dir DATA``.
+``tr_jax.data.cub.prepare_cub(manual_dir, data_dir)``.
 
 Features per image: ``image`` (JPEG, variable size, RGB), ``image_id``, ``file_name``,
 ``label`` (class in [0, 200)), ``attributes`` bool (312,) is_present, ``certainty`` uint8

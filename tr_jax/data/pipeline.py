@@ -34,8 +34,10 @@ def tensorflow():
     """Imports TensorFlow once, hiding accelerators from it (JAX owns them)."""
     import tensorflow as tf
 
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU")
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF already initialized its devices elsewhere; leave them be
+        pass
     return tf
 
 
@@ -105,7 +107,9 @@ class TFDSTaskDataset:
       process_index: this process's shard of every split.
       process_count: number of shards (JAX processes).
       shuffle_buffer: examples in the shuffle buffer (encoded images, ~10 KB each).
-      sizes: split name -> (examples in the split, examples in this process's shard).
+      sizes: split name -> (examples in the split, examples in this process's shard). Shards
+        are equal (up to ``process_count - 1`` examples of a split are dropped), so every
+        process runs the same number of steps, in training and in evaluation.
       groups: planted task groups (none for real data; kept for ArrayDataset parity).
     """
 
@@ -247,16 +251,16 @@ def open_tfds_dataset(builder, *, all_task_names: Sequence[str], task_index: Seq
     if shuffle_buffer < 1:
         raise ValueError(f"shuffle_buffer={shuffle_buffer} must be >= 1.")
     process_index, process_count = process_shard(process_index, process_count)
+    try:
+        totals = {split: int(builder.as_dataset(split=spec).cardinality())
+                  for split, spec in split_specs.items()}
+    except AssertionError as err:  # TFDS: "could not find data in <data_dir>"
+        raise FileNotFoundError(not_prepared_help) from err
     index = tuple(int(i) for i in task_index)
-    dataset = TFDSTaskDataset(
+    return TFDSTaskDataset(
         name=name or builder.name, task_names=tuple(all_task_names[i] for i in index),
         builder=builder, split_specs=dict(split_specs), label_fn=label_fn, task_index=index,
         image_size=(height, width), augment=augment, process_index=process_index,
-        process_count=process_count, shuffle_buffer=shuffle_buffer, sizes={})
-    try:
-        sizes = {split: (int(builder.as_dataset(split=spec).cardinality()),
-                         int(builder.as_dataset(split=dataset._shard(split)).cardinality()))
-                 for split, spec in split_specs.items()}
-    except AssertionError as err:  # TFDS: "could not find data in <data_dir>"
-        raise FileNotFoundError(not_prepared_help) from err
-    return dataclasses.replace(dataset, sizes=sizes)
+        process_count=process_count, shuffle_buffer=shuffle_buffer,
+        # tfds.even_splits(..., drop_remainder=True) gives every process n // count examples
+        sizes={split: (n, n // process_count) for split, n in totals.items()})
