@@ -3,10 +3,21 @@
 ``loss_fn(shared, rest, batch) -> (T,)`` is the common currency: see
 :mod:`tr_jax.affinity.per_task`.
 """
+from tr_jax.affinity.cosine import cosine_from_grads, gradient_cosine
+from tr_jax.affinity.lookahead import (affinity_from_losses, lookahead_affinity, lookahead_losses,
+                                       optax_lookahead, resolve_strategy, sgd_update)
 from tr_jax.affinity.per_task import merge_params, per_task_grads, split_params
 
 __all__ = [
+    "affinity_from_losses",
+    "cosine_from_grads",
+    "gradient_cosine",
+    "lookahead_affinity",
+    "lookahead_losses",
     "merge_params",
+    "optax_lookahead",
     "per_task_grads",
+    "resolve_strategy",
+    "sgd_update",
     "split_params",
 ]
