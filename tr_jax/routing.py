@@ -92,18 +92,17 @@ def _random_masks(key, num_tasks, num_units, sharing):
 def _partition_masks(key, num_tasks, num_units, sharing):
     shared = int(round(float(sharing) * num_units))
     k_units, k_tasks = jax.random.split(key)
-    units = np.asarray(jax.random.permutation(k_units, num_units))
-    tasks = np.asarray(jax.random.permutation(k_tasks, num_tasks))
-    masks = np.zeros((num_tasks, num_units), np.float32)
-    masks[:, units[:shared]] = 1.0
-    free = units[shared:]
+    units = jax.random.permutation(k_units, num_units)
+    tasks = jax.random.permutation(k_tasks, num_tasks)
+    masks = jnp.zeros((num_tasks, num_units), jnp.float32).at[:, units[:shared]].set(1.0)
+    free = num_units - shared
     # Deal free units and tasks round-robin over max(T, F) slots: with T <= F every unit is
     # task-specific and tasks get F // T or F // T + 1 units; with T > F every task gets one
     # unit and each unit serves T // F or T // F + 1 tasks.
-    if free.size:
-        slots = np.arange(max(num_tasks, free.size))
-        masks[tasks[slots % num_tasks], free[slots % free.size]] = 1.0
-    return jnp.asarray(masks)
+    if free:
+        slots = np.arange(max(num_tasks, free))
+        masks = masks.at[tasks[slots % num_tasks], units[shared + slots % free]].set(1.0)
+    return masks
 
 
 def check_task_ids(task, num_tasks: int, batch_size: int | None = None) -> None:
