@@ -94,6 +94,30 @@ def route_batch(batch: dict, mode: str, num_tasks: int, rng: np.random.Generator
     return batch
 
 
+def affinity_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``make_train_step`` keyword arguments for ``config.affinity`` (empty when off).
+
+    Z is normalized by ``config.learning_rate`` (the base rate, also under a schedule).
+    """
+    if not config.get("affinity"):
+        return {}
+    return {"affinity": config.affinity, "affinity_every": config.get("affinity_every", 1),
+            "lookahead": config.get("lookahead", "sgd"), "lr": config.learning_rate,
+            "strategy": config.get("strategy", "auto"),
+            "affinity_chunk_size": config.get("affinity_chunk_size") or None}
+
+
+def save_affinity(workdir: str, matrix: np.ndarray, task_names: tuple[str, ...]) -> None:
+    """Writes the run-averaged affinity as ``affinity.npy`` and ``affinity.json``
+    ({"task_names", "matrix", "orientation"}), by process 0."""
+    if jax.process_index() != 0:
+        return
+    np.save(os.path.join(workdir, "affinity.npy"), matrix)
+    with open(os.path.join(workdir, "affinity.json"), "w") as f:
+        json.dump({"task_names": list(task_names), "orientation": "Z[source, target]",
+                   "matrix": np.asarray(matrix).tolist()}, f)
+
+
 @dataclasses.dataclass
 class EarlyStopping:
     """Stops after ``patience`` epochs without a lower validation error (0: never stops).
@@ -141,7 +165,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     sample = next(dataset.batches("train", config.batch_size))
     state = train.create_train_state(model, optimizer, jax.random.key(config.seed), sample)
     train_step = train.make_train_step(model, optimizer, mode=config.mode,
-                                       chunk_size=config.get("chunk_size") or None)
+                                       chunk_size=config.get("chunk_size") or None,
+                                       **affinity_options(config))
     eval_step = train.make_eval_step(model, chunk_size=config.get("chunk_size") or None)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    checkpoint.fingerprint(model, state, dataset.task_names),
@@ -198,6 +223,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                            result["mean_balanced_accuracy"]})
     out = {"task_names": list(dataset.task_names), "steps": int(state.step),
            **{k: np.asarray(v).tolist() for k, v in result.items()}}
+    if int(state.affinity_count):
+        out["affinity"] = np.asarray(train.mean_affinity(state)).tolist()
+        save_affinity(workdir, np.asarray(out["affinity"]), dataset.task_names)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(out, f, indent=1)

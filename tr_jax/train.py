@@ -24,12 +24,45 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tr_jax import affinity as affinity_lib
 from tr_jax import losses as losses_lib
 from tr_jax import routing
+from tr_jax.affinity import estimators
 from tr_jax.models import MultiTaskModel, apply_all_tasks
 
 Mode = Literal["task_per_batch", "per_example", "all_tasks"]
 MODES = ("task_per_batch", "per_example", "all_tasks")
+LOOKAHEADS = ("sgd", "optimizer")
+SHARED = ("encoder",)  # the parameters TAG's lookahead moves: the shared trunk
+
+
+def _lookahead(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size):
+    del key
+    return affinity_lib.lookahead_affinity(loss_fn, shared, rest, batch, lr=lr,
+                                           update_fn=update_fn, strategy=strategy,
+                                           chunk_size=chunk_size)
+
+
+def _cosine(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size):
+    del lr, update_fn, key, strategy
+    return affinity_lib.gradient_cosine(loss_fn, shared, rest, batch, chunk_size=chunk_size)
+
+
+def _taylor(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size):
+    del key
+    return estimators.taylor_affinity(loss_fn, shared, rest, batch, lr=lr, update_fn=update_fn,
+                                      strategy=strategy, chunk_size=chunk_size)
+
+
+def _sketch(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size):
+    del update_fn
+    return estimators.sketched_affinity(loss_fn, shared, rest, batch, lr=lr, key=key,
+                                        strategy=strategy, chunk_size=chunk_size)
+
+
+# name -> fn(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size) -> (T, T)
+AFFINITIES: dict[str, Callable[..., jax.Array]] = {
+    "lookahead": _lookahead, "cosine": _cosine, "taylor": _taylor, "sketch": _sketch}
 Metrics = dict[str, jax.Array]
 
 
@@ -151,23 +184,55 @@ def model_losses(model: MultiTaskModel, variables: dict, batch: dict, mode: Mode
 
 def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformation, *,
                     mode: Mode = "all_tasks", chunk_size: int | None = None,
-                    jit: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
+                    affinity: str | None = None, affinity_every: int = 1,
+                    lookahead: str = "sgd", lr: float | None = None, strategy: str = "auto",
+                    affinity_chunk_size: int | None = None, jit: bool = True
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
     """Builds the train step ``(state, batch) -> (state, metrics)``.
+
+    With ``affinity`` set, every ``affinity_every``-th step (``state.step % k == 0``) also
+    measures a (T, T) task-affinity matrix inside the same jitted step, on the same batch and
+    before the update, and adds it to ``state.affinity_sum`` / ``affinity_count``. The update
+    itself is the plain all-task update either way. Affinity always uses every task's loss on
+    every example (``"all_tasks"``; routed models route each target task through its own
+    masks), BatchNorm with the batch's statistics and no running-average update.
 
     Args:
       model: the model.
       optimizer: the optax transformation used by :func:`create_train_state`.
       mode: ``"task_per_batch"``, ``"per_example"`` or ``"all_tasks"``.
-      chunk_size: tasks per vmapped chunk in ``"all_tasks"`` mode on routed models.
+      chunk_size: tasks per vmapped chunk in all-tasks forwards of routed models.
+      affinity: None, or one of :data:`AFFINITIES`: ``"lookahead"`` (TAG), ``"cosine"``
+        (gradient cosine similarity), ``"taylor"`` / ``"sketch"`` (first-order estimators).
+      affinity_every: measure every k-th step (official CelebA: 1; Taskonomy: 10).
+      lookahead: ``"sgd"`` (Δ_i = lr g_i) or ``"optimizer"`` (the optimizer's own step from
+        g_i alone at its current state, e.g. SGD momentum as in the official CelebA code).
+      lr: learning rate that normalizes Z (and the ``"sgd"`` lookahead step); required with
+        ``affinity``.
+      strategy: how the T lookahead forwards run (see
+        :func:`tr_jax.affinity.lookahead_affinity`).
+      affinity_chunk_size: tasks per chunk inside the affinity computation.
       jit: return a ``jax.jit``-compiled step (state donated).
 
     Returns:
-      The step. ``metrics`` holds ``loss`` (scalar), ``task_losses`` (T,) and
-      ``grad_norm``. A non-finite loss leaves the state unchanged and sets ``finite`` False, so
-      the loop can stop and resume from the last checkpoint.
+      The step. ``metrics`` holds ``loss`` (scalar), ``task_losses`` (T,), ``grad_norm`` and
+      ``finite``; with affinity also ``affinity`` (T, T; zeros on steps that do not measure)
+      and ``affinity_measured`` (bool). A non-finite loss leaves the state unchanged and sets
+      ``finite`` False, so the loop can stop and resume from the last checkpoint.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}.")
+    if affinity is not None:
+        if affinity not in AFFINITIES:
+            raise ValueError(f"affinity={affinity!r} is unknown; use None or one of "
+                             f"{sorted(AFFINITIES)}.")
+        if lookahead not in LOOKAHEADS:
+            raise ValueError(f"lookahead={lookahead!r} is unknown; use one of {LOOKAHEADS}.")
+        if lr is None or not lr > 0:
+            raise ValueError(f"affinity={affinity!r} needs the learning rate lr > 0 that "
+                             f"normalizes Z; got lr={lr}.")
+        if int(affinity_every) < 1:
+            raise ValueError(f"affinity_every={affinity_every} must be >= 1.")
 
     def loss_fn(params, state, batch):
         variables = {**state.variables, "params": params}
@@ -175,7 +240,31 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
                                                   chunk_size=chunk_size)
         return total, (per_task, new_stats)
 
+    def measure(state: TrainState, batch: dict) -> jax.Array:
+        shared, rest = affinity_lib.split_params(state.params, SHARED)
+        others = {k: v for k, v in state.variables.items() if k != "params"}
+
+        def task_losses(shared, rest, batch):
+            variables = {**others, "params": affinity_lib.merge_params(shared, rest)}
+            return model_losses(model, variables, batch, "all_tasks", train=True,
+                                chunk_size=chunk_size)[1]
+
+        update_fn = (affinity_lib.optax_lookahead(optimizer, state.opt_state, shared, rest)
+                     if lookahead == "optimizer" else None)
+        z = AFFINITIES[affinity](task_losses, shared, rest, batch, lr=lr, update_fn=update_fn,
+                                 key=jax.random.fold_in(state.rng, state.step),
+                                 strategy=strategy, chunk_size=affinity_chunk_size)
+        return z.astype(jnp.float32)
+
     def step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
+        metrics = {}
+        if affinity is not None:
+            measured = state.step % affinity_every == 0
+            z = jax.lax.cond(measured, measure, lambda *_: jnp.zeros_like(state.affinity_sum),
+                             state, batch)
+            state = state.replace(affinity_sum=state.affinity_sum + z,
+                                  affinity_count=state.affinity_count + measured)
+            metrics.update(affinity=z, affinity_measured=measured)
         (total, (per_task, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -184,8 +273,9 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
                             opt_state=opt_state,
                             batch_stats=state.batch_stats if new_stats is None else new_stats)
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-        return new, {"loss": total, "task_losses": per_task,
-                     "grad_norm": optax.global_norm(grads), "finite": finite}
+        metrics.update(loss=total, task_losses=per_task, grad_norm=optax.global_norm(grads),
+                       finite=finite)
+        return new, metrics
 
     return jax.jit(step, donate_argnums=0) if jit else step
 
