@@ -27,4 +27,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.chunk_size = 0             # tasks per vmapped chunk in all-tasks forwards (0: all at once)
     c.log_every_steps = 20       # metrics.jsonl cadence
     c.eval_batch_size = 450      # test batch size
+    c.progress = True            # tqdm progress bar
     return c
