@@ -1,5 +1,11 @@
-"""tr_jax: many-task learning in JAX/Flax -- Task Routing and Task Affinity Grouping."""
-from tr_jax import models, routing
+"""tr_jax: many-task learning in JAX/Flax -- Task Routing and Task Affinity Grouping.
+
+Modules: :mod:`tr_jax.routing` (masks, TaskRouting), :mod:`tr_jax.models` (routed backbones),
+:mod:`tr_jax.losses`, :mod:`tr_jax.affinity` (TAG lookahead, gradient cosine, estimators),
+:mod:`tr_jax.grouping` (network selection), :mod:`tr_jax.train` (train state and steps),
+:mod:`tr_jax.data` (offline and TFDS datasets).
+"""
+from tr_jax import affinity, data, grouping, losses, models, routing, train
 
 __version__ = "0.1.0"
-__all__ = ["models", "routing"]
+__all__ = ["affinity", "data", "grouping", "losses", "models", "routing", "train"]
