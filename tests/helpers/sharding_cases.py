@@ -1,0 +1,179 @@
+"""Sharded vs single-device computations on 8 fake CPU devices, for tests/test_sharding.py.
+
+Run as ``python tests/helpers/sharding_cases.py OUT.npz``: JAX must see 8 CPU devices before
+its backend starts, which a pytest worker that already ran other tests cannot arrange. Writes
+arrays (single-device references and sharded results) and error messages; the test file makes
+the assertions.
+"""
+import json
+import sys
+import time
+
+import jax
+
+jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_num_cpu_devices", 8)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from tr_jax import models, sharding, train  # noqa: E402
+from tr_jax.affinity.lookahead import lookahead_affinity, optax_lookahead  # noqa: E402
+from tr_jax.affinity.per_task import per_task_grads  # noqa: E402
+from tr_jax.affinity.sharded import sharded_lookahead_affinity  # noqa: E402
+
+MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
+STEPS = 3
+B = 16
+
+
+def batches(num_tasks, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"image": rng.normal(size=(B, 8, 8, 1)).astype(np.float32),
+             "labels": rng.integers(0, 2, (B, num_tasks)).astype(np.int32),
+             "label_mask": rng.random((B, num_tasks)) > 0.2,
+             "task": rng.integers(0, num_tasks, B).astype(np.int32)} for _ in range(STEPS)]
+
+
+def flat(tree):
+    """All leaves (PRNG keys as their key data) as one float64 vector."""
+    def values(a):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a = jax.random.key_data(a)
+        return np.ravel(np.asarray(a, np.float64))
+    return np.concatenate([values(a) for a in jax.tree.leaves(tree)])
+
+
+def train_case(out):
+    """SmallCNN (BN + routing), per_example mode, Adam: 3 steps and an eval, every mesh."""
+    model = models.SmallCNN(num_tasks=8, sharing=0.5, widths=(8,))
+    tx = optax.adam(1e-2)
+    data = batches(8)
+    key = jax.random.key(0)
+    init = lambda: train.create_train_state(model, tx, key, data[0])  # noqa: E731
+    mesh = sharding.make_mesh(4, 2)
+    direct = sharding.create_sharded_train_state(model, tx, key, data[0], mesh)
+    out["init/direct"], out["init/host"] = flat(direct), flat(init())
+    out["init/direct_mask_spec"] = np.array(
+        str(jax.tree.leaves(direct.routing)[0].sharding.spec))
+    state = init()
+    step = train.make_train_step(model, tx, mode="per_example")
+    losses = []
+    for batch in data:
+        state, m = step(state, batch)
+        losses.append(m["task_losses"])
+    out["ref/params"] = flat(state.params)
+    out["ref/batch_stats"] = flat(state.batch_stats)
+    out["ref/losses"] = np.stack(losses)
+    out["ref/counts"] = flat(train.make_eval_step(model)(state, data[0]))
+    guard = {}
+    for d, t in MESHES:
+        mesh = sharding.make_mesh(d, t)
+        name = f"{d}x{t}"
+        state = sharding.shard_state(init(), mesh)
+        step = sharding.shard_train_step(model, tx, mesh, state, mode="per_example",
+                                         max_traces=1)
+        placed = [sharding.shard_batch(b, mesh) for b in data]
+        losses = []
+        try:
+            with jax.transfer_guard("disallow"):
+                for batch in placed:
+                    state, m = step(state, batch)
+                    losses.append(m["task_losses"])
+            guard[name] = "ok"
+        except Exception as e:  # noqa: BLE001 -- reported to the test
+            guard[name] = f"{type(e).__name__}: {e}"
+            continue
+        out[f"{name}/params"] = flat(state.params)
+        out[f"{name}/batch_stats"] = flat(state.batch_stats)
+        out[f"{name}/losses"] = np.stack(losses)
+        out[f"{name}/counts"] = flat(sharding.shard_eval_step(model, mesh, state)(state, data[0]))
+        out[f"{name}/head_spec"] = np.array(str(state.params["head"]["kernel"].sharding.spec))
+        out[f"{name}/traces"] = np.array(step.traces)
+    return guard
+
+
+def affinity_case(out):
+    """Routed MLP, T = 6 (padded on 4 and 8 task devices): sharded vs unsharded Z."""
+    num_tasks = 6
+    model = models.MLP(num_tasks=num_tasks, sharing=0.5, hidden=(16, 16))
+    tx = optax.sgd(0.1, momentum=0.9)
+    batch = {k: v for k, v in batches(num_tasks, seed=1)[0].items() if k != "task"}
+    variables = model.init({"params": jax.random.key(1), "routing": jax.random.key(2)},
+                           batch["image"], 0)
+    params = variables["params"]
+    shared, rest = {"encoder": params["encoder"]}, {"head": params["head"]}
+
+    def loss_fn(shared, rest, batch):
+        v = {"params": {**shared, **rest}, "routing": variables["routing"]}
+        return train.model_losses(model, v, batch, "all_tasks", train=False)[1]
+
+    # one real optimizer step so that momentum is non-zero for the optimizer lookahead
+    _, opt_state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+
+    def run(fn, shared, rest, batch, opt_state, strategy, chunk_size=None, update="sgd",
+            given=False, **mesh):
+        extra = dict(mesh)
+        if update == "opt":
+            extra["update_fn"] = optax_lookahead(tx, opt_state, shared, rest)
+        if given:
+            extra["losses_and_grads"] = per_task_grads(loss_fn, shared, rest, batch)
+        return fn(loss_fn, shared, rest, batch, lr=0.1, strategy=strategy,
+                  chunk_size=chunk_size, **extra)
+
+    # each variant on every mesh would cost 20 compiles: spread them over the meshes; the
+    # strategies agree with each other (tests/test_affinity.py), so two references suffice
+    variants = {"sgd_vmap": (dict(strategy="vmap"), MESHES),
+                "sgd_chunked": (dict(strategy="chunked", chunk_size=1), ((2, 4),)),
+                "sgd_given_grads": (dict(strategy="vmap", given=True), ((1, 8),)),
+                "opt_unrolled": (dict(strategy="unrolled", update="opt"), ((4, 2),))}
+    args = (shared, rest, batch, opt_state)
+    for update in ("sgd", "opt"):
+        out[f"aff/{update}/ref"] = np.asarray(jax.jit(
+            lambda *a, u=update: run(lookahead_affinity, *a, strategy="vmap", update=u))(*args))
+    for name, (kw, meshes) in variants.items():
+        for d, t in meshes:
+            mesh = sharding.make_mesh(d, t)
+            z = jax.jit(lambda *a, kw=kw, mesh=mesh: run(sharded_lookahead_affinity, *a,
+                                                         mesh=mesh, **kw))(
+                shared, rest, sharding.shard_batch(batch, mesh), opt_state)
+            out[f"aff/{name}/{d}x{t}"] = np.asarray(z)
+            out[f"aff/{name}/{d}x{t}/spec"] = np.array(str(z.sharding.spec))
+
+
+def error_case():
+    """Messages of the errors for bad shapes."""
+    errors = {}
+    attempts = {
+        "mesh_product": lambda: sharding.make_mesh(3, 2),
+        "mesh_task": lambda: sharding.make_mesh(task=3),
+        "batch": lambda: sharding.shard_batch({"image": np.zeros((10, 2))},
+                                              sharding.make_mesh(4, 2)),
+        "heads": lambda: sharding.tree_shardings(
+            {"params": {"head": {"kernel": jax.ShapeDtypeStruct((5, 6, 2), jnp.float32)}}},
+            sharding.make_mesh(2, 4)),
+    }
+    for name, fn in attempts.items():
+        try:
+            fn()
+            errors[name] = None
+        except ValueError as e:
+            errors[name] = str(e)
+    return errors
+
+
+def main(path):
+    out = {}
+    t0 = time.perf_counter()
+    guard = train_case(out)
+    t1 = time.perf_counter()
+    affinity_case(out)
+    print(f"train case {t1 - t0:.1f} s, affinity case {time.perf_counter() - t1:.1f} s")
+    out["meta"] = np.array(json.dumps({"guard": guard, "errors": error_case(),
+                                       "devices": jax.device_count()}))
+    np.savez(path, **out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

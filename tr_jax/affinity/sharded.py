@@ -1,0 +1,99 @@
+"""Task-parallel TAG lookahead affinity: the rows of Z split over the mesh's ``"task"`` axis.
+
+Each device of the ``"task"`` axis takes a block of source tasks i and computes, for its
+block only, the per-task gradients (the VJP of the loss vector with the one-hot cotangents
+of its rows) and the lookahead forwards ``L(θ_s - Δ_i)``; the (T, T) matrix is gathered once
+at the end. Inside a block the usual strategies apply (``"chunked"`` bounds memory at
+T = 312). The ``"data"`` axis stays automatic: the batch may be split over it and GSPMD
+reduces the losses across it.
+
+The one forward pass is repeated on every task device (it is one of T + 1 passes); T need
+not be divisible by the task axis size: the last block is padded with zero cotangents whose
+rows are dropped.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+from tr_jax.affinity.lookahead import (Strategy, UpdateFn, affinity_from_losses, check_lr,
+                                       lookahead_losses, resolve_strategy, sgd_update)
+from tr_jax.affinity.per_task import (LossFn, PyTree, assert_task_axis, check_losses,
+                                      check_shared, map_tasks)
+P = jax.P  # the task axis is tr_jax.sharding.TASK = "task" (not imported: tr_jax.sharding
+# imports tr_jax.train, which may import tr_jax.affinity)
+
+
+def sharded_lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch, *,
+                               lr: float, mesh: Mesh, update_fn: UpdateFn | None = None,
+                               strategy: Strategy = "auto", chunk_size: int | None = None,
+                               losses_and_grads: tuple[jax.Array, PyTree] | None = None,
+                               axis: str = "task") -> jax.Array:
+    """:func:`tr_jax.affinity.lookahead_affinity` with source tasks split over ``axis``.
+
+    Same arguments and result as ``lookahead_affinity`` (jittable; call it inside the jitted
+    train step), plus:
+
+    Args:
+      mesh: the device mesh (:func:`tr_jax.sharding.make_mesh`).
+      axis: the mesh axis that splits the source tasks.
+      strategy, chunk_size: how each device runs its block of ceil(T / n) tasks ("auto"
+        decides on the block size).
+      losses_and_grads: precomputed (losses (T,), per-task grads (T, ...)): each device then
+        runs only the lookahead forwards of its rows.
+
+    Returns:
+      Z (T, T), ``Z[i, j]`` = effect of a step on source task i onto target task j,
+      replicated over the mesh.
+    """
+    check_lr(lr)
+    check_shared(shared)
+    if axis not in mesh.shape:
+        raise ValueError(f"axis={axis!r} is not a mesh axis; the mesh has {tuple(mesh.shape)}.")
+    n = mesh.shape[axis]
+    if losses_and_grads is None:
+        num_tasks = check_losses(jax.eval_shape(loss_fn, shared, rest, batch))
+        sources = _pad_rows(jnp.eye(num_tasks, dtype=jnp.float32), n)
+    else:
+        losses, grads = losses_and_grads
+        num_tasks = check_losses(losses)
+        assert_task_axis(grads, shared, num_tasks)
+        sources = jax.tree.map(lambda g: _pad_rows(g, n), grads)
+    block = math.ceil(num_tasks / n)
+    concrete, chunk = resolve_strategy(strategy, block, chunk_size)
+    lookahead = functools.partial(lookahead_losses, loss_fn, update_fn=update_fn or sgd_update(lr),
+                                  strategy=concrete, chunk_size=chunk)
+
+    def rows(shared, rest, batch, sources):
+        # Every device differentiates its own copy of the forward: mark θ_s as varying over
+        # the task axis so that the pullback accepts this device's cotangent rows.
+        shared = jax.tree.map(lambda a: jax.lax.pcast(a, axis, to="varying"), shared)
+        if losses_and_grads is not None:
+            return lookahead(shared, rest, batch, sources)
+        losses, pullback = jax.vjp(lambda s: loss_fn(s, rest, batch), shared)
+        (grads,) = map_tasks(pullback, sources.astype(losses.dtype),
+                             "chunked" if concrete == "chunked" else "vmap", chunk)
+        return losses[None], lookahead(shared, rest, batch, grads)
+
+    given = losses_and_grads is not None
+    out = jax.shard_map(rows, mesh=mesh, in_specs=(P(), P(), P(), P(axis)),
+                        out_specs=P(axis) if given else (P(axis), P(axis)),
+                        axis_names={axis})(shared, rest, batch, sources)
+    losses, after = (losses_and_grads[0], out) if given else (out[0][0], out[1])
+    z = affinity_from_losses(losses, after[:num_tasks], lr)
+    return jax.lax.with_sharding_constraint(z, NamedSharding(mesh, P()))
+
+
+def task_parallel(mesh: Mesh, axis: str = "task"):
+    """``lookahead_affinity``-compatible function running on ``mesh`` (to pass as a hook)."""
+    return functools.partial(sharded_lookahead_affinity, mesh=mesh, axis=axis)
+
+
+def _pad_rows(x: jax.Array, n: int) -> jax.Array:
+    """Pads the leading axis with zeros up to a multiple of ``n``."""
+    pad = -x.shape[0] % n
+    return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) if pad else x
