@@ -24,12 +24,15 @@ def load_config(path: str, overrides: list[str]):
     if not Path(path.split(":", 1)[0]).is_file():
         raise SystemExit(f"config file {path} does not exist; configs live in "
                          f"{REPO / 'experiments' / 'configs'}.")
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", path, "experiment config", flag_values=fv)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         raise SystemExit(f"unknown arguments {bad}; override config fields as --config.name=value.")
-    fv(["tr-jax"] + overrides)
+    argv = ["tr-jax"] + overrides
+    fv = flags.FlagValues()
+    # sys_argv: else config_flags reads sys.argv, where "--config PATH" makes it return None.
+    config_flags.DEFINE_config_file("config", path, "experiment config", flag_values=fv,
+                                    sys_argv=argv)
+    fv(argv)
     return fv.config
 
 
