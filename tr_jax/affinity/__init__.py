@@ -4,6 +4,8 @@
 :mod:`tr_jax.affinity.per_task`.
 """
 from tr_jax.affinity.cosine import cosine_from_grads, gradient_cosine
+from tr_jax.affinity.estimators import (model_representation, representation_affinity,
+                                        sketch_variance, sketched_affinity, taylor_affinity)
 from tr_jax.affinity.lookahead import (affinity_from_losses, lookahead_affinity, lookahead_losses,
                                        optax_lookahead, resolve_strategy, sgd_update)
 from tr_jax.affinity.per_task import merge_params, per_task_grads, split_params
@@ -15,9 +17,14 @@ __all__ = [
     "lookahead_affinity",
     "lookahead_losses",
     "merge_params",
+    "model_representation",
     "optax_lookahead",
     "per_task_grads",
+    "representation_affinity",
     "resolve_strategy",
     "sgd_update",
+    "sketch_variance",
+    "sketched_affinity",
     "split_params",
+    "taylor_affinity",
 ]
