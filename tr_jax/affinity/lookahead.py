@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from tr_jax.affinity.per_task import (LossFn, PyTree, assert_task_axis, check_chunk_size,
-                                      check_losses, map_tasks, merge_params, per_task_grads,
-                                      select_like)
+                                      check_losses, check_shared, map_tasks, merge_params,
+                                      per_task_grads, select_like)
 
 Strategy = Literal["auto", "vmap", "unrolled", "chunked"]
 UpdateFn = Callable[[PyTree], PyTree]
@@ -179,6 +179,7 @@ def lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any
       ValueError: lr <= 0, empty ``shared``, losses not of shape (T,), unknown strategy.
     """
     check_lr(lr)
+    check_shared(shared)
     if losses_and_grads is None:
         num_tasks = check_losses(jax.eval_shape(loss_fn, shared, rest, batch))
         concrete, chunk = resolve_strategy(strategy, num_tasks, chunk_size)
