@@ -346,9 +346,9 @@ def _partition_pairs(num_tasks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """All pairs (U, S) of bitmasks with S ⊆ U and lowest bit of U in S, grouped by U.
 
     Returns:
-      U (P,), S (P,) int64 sorted by U (U = 1 .. 2^T - 1), and segment starts (2^T - 1,).
+      U (P,), S (P,) int32 sorted by U (U = 1 .. 2^T - 1), and segment starts (2^T - 1,).
     """
-    universe = np.arange(1, 2 ** num_tasks, dtype=np.int64)
+    universe = np.arange(1, 2 ** num_tasks, dtype=np.int32)
     low = universe & -universe
     rest = universe ^ low
     popcount = np.zeros_like(rest)
@@ -357,7 +357,7 @@ def _partition_pairs(num_tasks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     counts = 1 << popcount
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     u = np.repeat(universe, counts)
-    r = np.arange(u.size, dtype=np.int64) - np.repeat(starts, counts)  # index of the submask
+    r = np.arange(u.size, dtype=np.int32) - np.repeat(starts, counts).astype(np.int32)
     rest_rep = np.repeat(rest, counts)
     s = np.repeat(low, counts)
     next_bit = np.zeros_like(r)
