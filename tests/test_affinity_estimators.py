@@ -159,6 +159,22 @@ def test_sketch_strategies_agree_and_keys_matter(x64):
                               distribution="uniform")
 
 
+def test_sketch_with_momentum_update_is_unbiased(x64):
+    _, params, shared, rest, batch, loss_fn = mlp_problem()
+    lr = 1e-2
+    tx = optax.sgd(lr, momentum=0.9)
+    grads = jax.grad(lambda p: loss_fn(*split_params(p), batch).sum())(params)
+    _, state = tx.update(grads, tx.init(params), params)
+    update_fn = optax_lookahead(tx, state, shared, rest)
+    ref = est.taylor_affinity(loss_fn, shared, rest, batch, lr=lr, update_fn=update_fn)
+    keys = jax.random.split(jax.random.key(0), 1000)
+    samples = jax.jit(jax.vmap(lambda key: est.sketched_affinity(
+        loss_fn, shared, rest, batch, lr=lr, key=key, num_directions=4, update_fn=update_fn,
+        strategy="vmap")))(keys)
+    plain = est.taylor_affinity(loss_fn, shared, rest, batch, lr=lr)
+    assert rel_err(samples.mean(0), ref) < 0.05 < rel_err(plain, ref)
+
+
 def compiled_flops(fn, *args):
     return float(jax.jit(fn).lower(*args).compile().cost_analysis()["flops"])
 
@@ -216,8 +232,11 @@ def test_representation_affinity_is_the_feature_gradient_gram(x64):
     losses = head_loss_fn(feats, head, batch)
     r = np.stack([np.asarray(jax.grad(lambda z, i=i: head_loss_fn(z, head, batch)[i])(feats))
                   .ravel() for i in range(NUM_TASKS)])
+    want = r @ r.T / np.asarray(losses)[None]
     got = est.representation_affinity(head_loss_fn, feats, head, batch, lr=0.1)
-    np.testing.assert_allclose(got, r @ r.T / np.asarray(losses)[None], rtol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    got = est.model_representation_affinity(model, {"params": params}, batch, lr=0.1)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_representation_affinity_is_exact_when_the_tangent_kernel_is_identity(x64):

@@ -4,8 +4,9 @@
 :mod:`tr_jax.affinity.per_task`.
 """
 from tr_jax.affinity.cosine import cosine_from_grads, gradient_cosine
-from tr_jax.affinity.estimators import (model_representation, representation_affinity,
-                                        sketch_variance, sketched_affinity, taylor_affinity)
+from tr_jax.affinity.estimators import (model_representation, model_representation_affinity,
+                                        representation_affinity, sketch_variance,
+                                        sketched_affinity, taylor_affinity)
 from tr_jax.affinity.lookahead import (affinity_from_losses, lookahead_affinity, lookahead_losses,
                                        optax_lookahead, resolve_strategy, sgd_update)
 from tr_jax.affinity.per_task import merge_params, per_task_grads, split_params
@@ -18,6 +19,7 @@ __all__ = [
     "lookahead_losses",
     "merge_params",
     "model_representation",
+    "model_representation_affinity",
     "optax_lookahead",
     "per_task_grads",
     "representation_affinity",

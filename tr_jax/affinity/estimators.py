@@ -66,6 +66,14 @@ def tree_gram(a: PyTree, b: PyTree) -> jax.Array:
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def loss_jvp(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, tangent: PyTree
+             ) -> tuple[jax.Array, jax.Array]:
+    """``(losses (T,), dlosses (T,))``: the per-task losses and their derivative along
+    ``tangent`` (a tree like ``shared``, cast to its dtypes), i.e. ``g_i·tangent`` for all i."""
+    tangent = jax.tree.map(lambda t, s: t.astype(s.dtype), tangent, shared)
+    return jax.jvp(lambda s: loss_fn(s, rest, batch), (shared,), (tangent,))
+
+
 def _per_target(gram: jax.Array, losses: jax.Array) -> jax.Array:
     """Column j divided by L_j: the first-order lookahead affinity from a (T, T) Gram matrix."""
     return gram / losses[None, :]
@@ -89,9 +97,8 @@ def second_directional_derivatives(loss_fn: LossFn, shared: PyTree, rest: PyTree
       (N, T) second directional derivatives.
     """
     def along(d: PyTree) -> jax.Array:
-        def slope(s: PyTree) -> jax.Array:
-            return jax.jvp(lambda p: loss_fn(p, rest, batch), (s,), (d,))[1]
-        return jax.jvp(slope, (shared,), (d,))[1]
+        return loss_jvp(lambda s, r, b: loss_jvp(loss_fn, s, r, b, d)[1], shared, rest, batch,
+                        d)[1]
 
     num = jax.tree.leaves(directions)[0].shape[0]
     strategy, chunk_size = resolve_strategy(strategy, num, chunk_size)
@@ -175,15 +182,26 @@ def random_directions(key: chex.PRNGKey, like: PyTree,
 
 def sketch_projections(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, *,
                        key: chex.PRNGKey, num_directions: int,
-                       distribution: Distribution = "rademacher", strategy: Strategy = "auto",
-                       chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+                       distribution: Distribution = "rademacher",
+                       transform: Callable[[PyTree], PyTree] | None = None,
+                       strategy: Strategy = "auto", chunk_size: int | None = None
+                       ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Per-task losses and the projections ``U[d, i] = g_i·v_d`` on k random directions.
 
     Direction d is drawn from ``fold_in(key, d)`` inside the map, so at most a chunk of
     directions is held in memory at once.
 
+    Args:
+      loss_fn, shared, rest, batch: as for :func:`sketched_affinity`.
+      key: PRNG key of the directions.
+      num_directions: k.
+      distribution: see :func:`random_directions`.
+      transform: optional linear map A of a direction; then ``W[d, i] = g_i·(A v_d)`` is
+        returned too (a second JVP per direction).
+      strategy, chunk_size: how the k directions run (as ``lookahead_affinity``'s tasks).
+
     Returns:
-      ``(losses (T,), U (k, T))``.
+      ``(losses (T,), U (k, T), W (k, T) or None)``.
     """
     if isinstance(num_directions, bool) or not isinstance(num_directions, int) \
             or num_directions < 1:
@@ -191,26 +209,30 @@ def sketch_projections(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any
     check_shared(shared)
     check_losses(jax.eval_shape(loss_fn, shared, rest, batch))
 
-    def project(d: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def project(d: jax.Array) -> tuple[jax.Array, ...]:
         v = random_directions(jax.random.fold_in(key, d), shared, distribution)
-        return jax.jvp(lambda s: loss_fn(s, rest, batch), (shared,), (v,))
+        losses, u = loss_jvp(loss_fn, shared, rest, batch, v)
+        if transform is None:
+            return losses, u
+        return losses, u, loss_jvp(loss_fn, shared, rest, batch, transform(v))[1]
 
     strategy, chunk_size = resolve_strategy(strategy, num_directions, chunk_size)
-    losses, proj = map_tasks(project, jnp.arange(num_directions), strategy, chunk_size)
-    return losses[0], proj
+    out = map_tasks(project, jnp.arange(num_directions), strategy, chunk_size)
+    return out[0][0], out[1], (out[2] if transform is not None else None)
 
 
 def sketched_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, *, lr: float,
                       key: chex.PRNGKey, num_directions: int = 8,
-                      distribution: Distribution = "rademacher", strategy: Strategy = "auto",
+                      distribution: Distribution = "rademacher",
+                      update_fn: UpdateFn | None = None, strategy: Strategy = "auto",
                       chunk_size: int | None = None) -> jax.Array:
-    """First-order (SGD) affinity with the gradient Gram matrix sketched by forward-mode JVPs.
+    """First-order affinity with the gradient Gram matrix sketched by forward-mode JVPs.
 
     For k random directions v_d with E[v vᵀ] = I, one ``jax.jvp`` of the loss vector gives
     ``u_d = (g_1·v_d, ..., g_T·v_d)``; ``Ĝ = (1/k) Σ_d u_d u_dᵀ`` is an unbiased estimate of the
     Gram matrix ``G[i, j] = g_i·g_j`` since ``E[(g_i·v)(g_j·v)] = g_iᵀ E[v vᵀ] g_j``, and
-    ``Z = Ĝ[i, j] / L_j`` (``lr`` cancels at first order). Cost: k JVPs of ``loss_fn``, no
-    backward pass; it depends on T only through ``loss_fn`` itself (the heads).
+    ``Z = Ĝ[i, j] / L_j`` (SGD lookahead; ``lr`` cancels at first order). Cost: k JVPs of
+    ``loss_fn``, no backward pass; it depends on T only through ``loss_fn`` itself (the heads).
 
     Variance (per entry, :func:`sketch_variance`): ``Var Ĝ[i, j] = (|g_i|²|g_j|² + (g_i·g_j)²
     - 2 Σ_p g_ip² g_jp²) / k`` for Rademacher v (the last term is absent for Gaussian v), so
@@ -219,27 +241,44 @@ def sketched_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any,
     from different steps (different keys) are independent, so TAG's average over S steps has
     variance ``/ (k S)``: few directions per step suffice for the run-averaged matrix.
 
+    With ``update_fn`` (the optimizer's lookahead step Δ(g), e.g. SGD with momentum and/or
+    weight decay: Δ(g) = A g + c), it estimates ``Δ_i·g_j / (lr L_j)`` as
+    ``[(1/k) Σ_d (g_i·A v_d)(g_j·v_d) + c·g_j] / (lr L_j)``, with ``c = Δ(0)`` and
+    ``A v = Δ(v) - Δ(0)``: 2k + 1 JVPs. Unbiased when Δ is affine in g with a symmetric linear
+    part (SGD, momentum, Nesterov, weight decay, a fixed diagonal preconditioner); **not** for
+    adaptive optimizers (Adam), whose step is not affine in g -- use :func:`taylor_affinity`.
+
     Args:
       loss_fn: ``loss_fn(shared, rest, batch) -> (T,)`` per-task losses (pure).
       shared: shared parameters θ_s (the directions live in their space).
       rest: everything else the loss needs.
       batch: one batch.
-      lr: learning rate (> 0), checked for a uniform signature; the first-order estimate does
-        not depend on it.
+      lr: learning rate (> 0); Z is normalized by it (it cancels for the SGD lookahead).
       key: PRNG key of the directions; use a fresh one every step.
       num_directions: k.
       distribution: ``"rademacher"`` (default, lower variance) or ``"gaussian"``.
-      strategy, chunk_size: how the k JVPs run (as for ``lookahead_affinity``'s T forwards:
-        ``"auto"`` unrolls up to 40 on CPU).
+      update_fn: ``g -> Δ``, the step subtracted from θ_s (see above); None: SGD, lr g.
+      strategy, chunk_size: how the k directions run (as for ``lookahead_affinity``'s T
+        forwards: ``"auto"`` unrolls up to 40 on CPU).
 
     Returns:
-      (T, T) unbiased estimate of ``g_i·g_j / L_j`` (source i, target j).
+      (T, T) unbiased estimate of the first-order affinity ``Δ_i·g_j / (lr L_j)`` (source i,
+      target j); ``g_i·g_j / L_j`` for SGD.
     """
     check_lr(lr)
-    losses, proj = sketch_projections(loss_fn, shared, rest, batch, key=key,
-                                      num_directions=num_directions, distribution=distribution,
-                                      strategy=strategy, chunk_size=chunk_size)
-    return _per_target(proj.T @ proj / num_directions, losses)
+    if update_fn is None:
+        losses, proj, _ = sketch_projections(
+            loss_fn, shared, rest, batch, key=key, num_directions=num_directions,
+            distribution=distribution, strategy=strategy, chunk_size=chunk_size)
+        return _per_target(proj.T @ proj / num_directions, losses)
+    offset = update_fn(jax.tree.map(jnp.zeros_like, shared))
+    losses, proj, moved = sketch_projections(
+        loss_fn, shared, rest, batch, key=key, num_directions=num_directions,
+        distribution=distribution,
+        transform=lambda v: jax.tree.map(jnp.subtract, update_fn(v), offset),
+        strategy=strategy, chunk_size=chunk_size)
+    shift = loss_jvp(loss_fn, shared, rest, batch, offset)[1]
+    return _per_target(moved.T @ proj / num_directions + shift[None, :], losses) / lr
 
 
 def sketch_variance(grads: PyTree, num_directions: int,
@@ -353,3 +392,26 @@ def model_representation(model: MultiTaskModel
         return losses_lib.per_task_losses(logits, batch["labels"], batch.get("label_mask"))
 
     return features_fn, head_loss_fn
+
+
+def model_representation_affinity(model: MultiTaskModel, variables: dict, batch: dict, *,
+                                  lr: float) -> jax.Array:
+    """:func:`representation_affinity` of an unrouted model on one batch, in one call.
+
+    The features come from the encoder with BatchNorm in training mode (batch statistics, as
+    the lookahead's losses); the returned statistics are discarded.
+
+    Args:
+      model: an unrouted :class:`~tr_jax.models.MultiTaskModel`.
+      variables: its variables (``params`` with ``encoder`` and ``head``, optional
+        ``batch_stats``).
+      batch: ``{"image", "labels" (B, T), optional "label_mask"}``.
+      lr: learning rate (> 0).
+
+    Returns:
+      (T, T) affinity estimate (source i, target j).
+    """
+    features_fn, head_loss_fn = model_representation(model)
+    features, _ = features_fn(variables, batch["image"], train=True)
+    return representation_affinity(head_loss_fn, jax.lax.stop_gradient(features),
+                                   variables["params"]["head"], batch, lr=lr)
