@@ -1,7 +1,8 @@
 """``tr-jax`` / ``python -m tr_jax``: the command-line entry points.
 
-  tr-jax                                   quickstart on the offline digits tasks
+  tr-jax                                   quickstart: the task-grouping study on offline digits
   tr-jax train --config CONFIG.py[:ARG] [--config.field=value ...] [--workdir DIR] [--resume]
+  tr-jax study --config CONFIG.py [--config.field=value ...] [--workdir DIR]
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ml_collections import config_flags
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "experiments" / "configs" / "digits.py"
+STUDY_CONFIG = REPO / "experiments" / "configs" / "study_digits.py"
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped by SIGTERM after saving a checkpoint
 
 
@@ -50,6 +52,14 @@ def _train(args, overrides) -> None:
     print(f"results and metrics written to {os.path.abspath(args.workdir)}")
 
 
+def _study(args, overrides) -> None:
+    from tr_jax.study import format_study_table, run_study
+
+    results = run_study(load_config(args.config, overrides), args.workdir)
+    print(format_study_table(results))
+    print(f"study.json, study.md and study.png written to {os.path.abspath(args.workdir)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tr-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint in WORKDIR/checkpoints (needs "
                         "config.checkpoint_every_steps > 0)")
     p.set_defaults(func=_train)
+    p = sub.add_parser("study", help="choose task groups with TAG, CS and HOA, train, compare")
+    p.add_argument("--config", default=str(STUDY_CONFIG), help="config file (get_config())")
+    p.add_argument("--workdir", default="runs/study", help="where the study results go")
+    p.set_defaults(func=_study)
     return parser
 
 
@@ -69,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if not argv:
-        argv = ["train", "--workdir", "runs/quickstart"]
+        argv = ["study", "--workdir", "runs/quickstart"]
     args, overrides = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
