@@ -35,6 +35,7 @@ def get_config():
     c.num_epochs = 2
     c.group_counts = (2, 3)
     c.random_seeds = 2
+    c.repeats = 2
     c.progress = False
     return c
 """
@@ -113,32 +114,45 @@ def test_totals_are_sums_of_per_task_errors(study):
         assert summary["total_error_std"] == pytest.approx(np.std(totals))
 
 
+def networks(results, measured=None):
+    """{(task set, seed): network record} of the plain runs (or those measuring ``measured``)."""
+    return {(tuple(n["tasks"]), n["seed"]): n for n in results["networks"]
+            if n["measured"] == measured}
+
+
 def test_every_task_is_read_from_a_serving_network_that_has_it(study):
     results, _, _ = study
     t = len(results["task_names"])
-    test_error = {tuple(n["tasks"]): n["test_error"] for n in results["networks"]}
+    nets = {**networks(results), **networks(results, "lookahead")}
     for name, entry in served_entries(results):
         groups, serving = entry["groups"], entry["serving"]
         assert set(itertools.chain(*groups)) == set(range(t)), name
-        for task, s in enumerate(serving):
-            assert task in groups[s], name
-            assert entry["per_task_error"][task] == test_error[tuple(groups[s])][task], name
+        per_seed = []
+        for seed in (0, 1):  # repeats = 2: errors are averaged over the two training seeds
+            errors = []
+            for task, s in enumerate(serving):
+                assert task in groups[s], name
+                errors.append(nets[tuple(groups[s]), seed]["test_error"][task])
+            per_seed.append(errors)
+        assert entry["per_task_error"] == pytest.approx(np.mean(per_seed, axis=0)), name
+        assert entry["total_error_repeats"] == pytest.approx(np.sum(per_seed, axis=1)), name
 
 
 def test_no_task_set_is_trained_twice(study):
     results, _, _ = study
     t = len(results["task_names"])
-    runs = list(zip(map(tuple, results["training"]["task_sets"]),
-                    results["training"]["affinity"]))
+    runs = [(tuple(n["tasks"]), n["seed"], n["measured"]) for n in results["networks"]]
     everything = tuple(range(t))
-    assert runs[:2] == [(everything, "lookahead"), (everything, "cosine")]
-    plain = [s for s, affinity in runs[2:] if affinity is None]
+    assert runs[:2] == [(everything, 0, "lookahead"), (everything, 0, "cosine")]
+    plain = [(s, seed) for s, seed, measured in runs[2:] if measured is None]
     assert len(plain) == len(runs) - 2 and len(set(plain)) == len(plain)
-    requested = {(i,) for i in range(t)} | set(itertools.combinations(range(t), 2))
+    hoa = {(i,) for i in range(t)} | set(itertools.combinations(range(t), 2))
+    evaluated = set()
     for _, entry in served_entries(results):
-        requested |= {tuple(g) for g in entry["groups"]}
-    # the all-task network comes from the TAG run (measuring affinity leaves the update as is)
-    assert set(plain) == requested - {everything}
+        evaluated |= {tuple(g) for g in entry["groups"]}
+    # seed 0 of the all-task network is the TAG run (measuring affinity leaves the update as is)
+    expected = {(s, 0) for s in hoa | evaluated} | {(s, 1) for s in evaluated}
+    assert set(plain) == expected - {(everything, 0)}
     assert results["training"]["networks_trained"] == len(runs) == len(plain) + 2
     assert results["training"]["requests"] > len(plain)  # the cache answered the rest
 
@@ -146,11 +160,12 @@ def test_no_task_set_is_trained_twice(study):
 def test_hoa_matrix_holds_single_task_errors_on_the_diagonal(study):
     results, _, _ = study
     hoa = np.array(results["matrices"]["hoa"])
-    val = {tuple(n["tasks"]): n["validation_error"] for n in results["networks"]}
+    nets = networks(results)
     t = len(hoa)
-    for s, target in itertools.product(range(t), repeat=2):
+    for s, target in itertools.product(range(t), repeat=2):  # selection runs use seed 0 only
         key = (target,) if s == target else tuple(sorted((s, target)))
-        assert hoa[s, target] == val[key][target]  # scores[source, target], as grouping's "hoa"
+        # scores[source, target], as grouping's "hoa" objective
+        assert hoa[s, target] == nets[key, 0]["validation_error"][target]
     cost = results["selection_cost"]
     assert cost["hoa"]["runs"] == t + t * (t - 1) // 2 and cost["tag"]["runs"] == 1
     steps = results["training"]["steps_per_network"]

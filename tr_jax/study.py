@@ -8,18 +8,20 @@ The study of Fifty et al. (NeurIPS 2021, §5; DESIGN §3) on any :class:`~tr_jax
    (Standley et al. 2020): one network per task and per pair, ``T + T (T - 1) / 2`` runs; their
    validation errors form the HOA matrix. Groups for each number of networks ``k`` come from
    :func:`tr_jax.grouping.select_groups` ("tag" objective for TAG and CS, "hoa" for HOA).
-2. **Train** every chosen group from scratch, and random partitions (several seeds), all tasks
-   in one network and one network per task.
+2. **Train** every chosen group from scratch, and the baselines: random partitions (several
+   draws), all tasks in one network, one network per task. Each is trained with
+   ``config.repeats`` seeds (the selection runs use the first seed only).
 3. **Evaluate** each task on the network that serves it (the selection's ``serving``); the
-   metric is the total test error ``sum_t (1 - accuracy_t)`` (and its mean over tasks).
+   metric is the total test error ``sum_t (1 - accuracy_t)`` (and its mean over tasks),
+   averaged over the seeds.
 
 Every network is the full T-head model; a group network masks the labels of the tasks outside
 the group, so its loss, gradients and updates are exactly those of a network with only the
 group's heads (the other heads get zero gradients and never move). All runs therefore share one
 compiled train step and one compiled eval step: each run costs its steps, not a compilation.
-Networks are cached by task set, so no group is trained twice (the single-task networks of HOA
-serve "one network per task"; the TAG run is the all-in-one network, as measuring affinity does
-not change the update).
+Networks are cached by task set and seed, so no group is trained twice (HOA's single-task
+networks serve "one network per task"; the TAG run is the first all-in-one network, as measuring
+affinity does not change the update).
 
 Compute is measured, not quoted: per method, the training steps and wall seconds spent to choose
 its groups (runs plus validation evaluation plus the selection search), with the one-time XLA
@@ -42,7 +44,7 @@ import numpy as np
 
 from tr_jax import grouping, plots, train
 from tr_jax.data import ArrayDataset
-from tr_jax.experiment import build_dataset, build_model, build_optimizer
+from tr_jax.experiment import affinity_options, build_dataset, build_model, build_optimizer
 
 METHODS = ("tag", "cs", "hoa")  # selection methods, each with its score matrix
 AFFINITY_OF = {"tag": "lookahead", "cs": "cosine"}
@@ -82,20 +84,24 @@ class Network:
 
     Attributes:
       tasks: the task set it was trained on (sorted task indices).
+      seed: its training seed (initialization and batch order).
       validation_error: (T,) 1 - accuracy on "validation" (NaN outside ``tasks``).
       test_error: (T,) 1 - accuracy on "test" (NaN outside ``tasks``).
       steps: training steps taken.
       train_seconds: wall seconds of the training loop (compilation excluded).
       validation_seconds: wall seconds of the validation evaluation.
+      measured: the affinity measured during the run ("lookahead", "cosine", ...) or None.
       affinity: the run-averaged (T, T) affinity ``Z[source, target]`` when measured, else None.
     """
 
     tasks: TaskSet
+    seed: int
     validation_error: np.ndarray
     test_error: np.ndarray
     steps: int
     train_seconds: float
     validation_seconds: float
+    measured: str | None = None
     affinity: np.ndarray | None = None
 
 
@@ -120,8 +126,8 @@ class GroupTrainer:
         self._eval = train.make_eval_step(self.model)
         self._steps: dict[str | None, Any] = {}
         self.compile_seconds: dict[str, float] = {}
-        self.cache: dict[TaskSet, Network] = {}
-        self.trained: list[tuple[TaskSet, str | None]] = []  # (task set, affinity) per run
+        self.cache: dict[tuple[TaskSet, int], Network] = {}  # (task set, seed) -> network
+        self.trained: list[Network] = []  # every run, in order
         self.requests = 0
         start = time.perf_counter()
         state = self._init(jax.random.key(config.seed), self._sample)
@@ -136,14 +142,13 @@ class GroupTrainer:
     def _step(self, affinity: str | None):
         """The compiled train step (plain, or measuring ``affinity``), compiled once, timed."""
         if affinity not in self._steps:
-            c = self.config
-            options = {} if affinity is None else {
-                "affinity": affinity, "affinity_every": c.get("affinity_every", 1),
-                "lookahead": c.get("lookahead", "sgd"), "lr": c.learning_rate,
-                "strategy": c.get("strategy", "auto")}
-            step = train.make_train_step(self.model, self.optimizer, mode="all_tasks", **options)
+            config = self.config.copy_and_resolve_references()
+            with config.unlocked():
+                config.affinity = affinity
+            step = train.make_train_step(self.model, self.optimizer, mode="all_tasks",
+                                         **affinity_options(config))
             start = time.perf_counter()
-            state = self._init(jax.random.key(c.seed), self._sample)
+            state = self._init(jax.random.key(config.seed), self._sample)
             self._steps[affinity] = step.lower(state, self._sample).compile()
             self.compile_seconds[affinity or "plain"] = time.perf_counter() - start
         return self._steps[affinity]
@@ -153,16 +158,16 @@ class GroupTrainer:
                                        shuffle=False, drop_remainder=False)
         return 1.0 - train.evaluate(self._eval, state, batches)["accuracy"]
 
-    def _fit(self, tasks: TaskSet, affinity: str | None) -> Network:
+    def _fit(self, tasks: TaskSet, seed: int, affinity: str | None) -> Network:
         """Trains a fresh network on ``tasks`` (labels of the other tasks masked)."""
         c, step = self.config, self._step(affinity)
         member = np.zeros(self.num_tasks, bool)
         member[list(tasks)] = True
         start = time.perf_counter()
-        state = self._init(jax.random.key(c.seed), self._sample)
+        state = self._init(jax.random.key(seed), self._sample)
         finite = []
         for epoch in range(c.num_epochs):
-            for batch in self.dataset.batches("train", c.batch_size, epoch=epoch, seed=c.seed):
+            for batch in self.dataset.batches("train", c.batch_size, epoch=epoch, seed=seed):
                 batch = self._batch(batch)
                 batch["label_mask"] = batch["label_mask"] & member
                 state, metrics = step(state, batch)
@@ -178,26 +183,31 @@ class GroupTrainer:
         val_seconds = time.perf_counter() - start
         test = np.where(outside, np.nan, self._evaluate(state, "test"))
         matrix = np.asarray(train.mean_affinity(state), np.float64) if affinity else None
-        self.trained.append((tasks, affinity))
-        return Network(tasks, val, test, int(state.step), train_seconds, val_seconds, matrix)
+        net = Network(tasks, seed, val, test, int(state.step), train_seconds, val_seconds,
+                      affinity, matrix)
+        self.trained.append(net)
+        return net
 
-    def network(self, tasks: Sequence[int]) -> Network:
-        """The network trained on ``tasks``, trained now unless an equal task set was."""
+    def network(self, tasks: Sequence[int], repeat: int = 0) -> Network:
+        """The network trained on ``tasks`` with seed ``config.seed + repeat``, trained now
+        unless the same task set and seed were."""
         key = tuple(sorted(int(t) for t in tasks))
         if not key or len(set(key)) != len(key) or not 0 <= key[0] <= key[-1] < self.num_tasks:
             raise ValueError(f"tasks={tasks} must be distinct task indices in "
                              f"[0, {self.num_tasks}).")
+        seed = self.config.seed + int(repeat)
         self.requests += 1
-        if key not in self.cache:
-            self.cache[key] = self._fit(key, None)
-        return self.cache[key]
+        if (key, seed) not in self.cache:
+            self.cache[key, seed] = self._fit(key, seed, None)
+        return self.cache[key, seed]
 
     def affinity_run(self, affinity: str) -> Network:
-        """One all-task run measuring ``affinity`` ("lookahead", "cosine", ...) every
-        ``config.affinity_every`` steps; its network also serves the all-task set."""
+        """One all-task run (seed ``config.seed``) measuring ``affinity`` ("lookahead",
+        "cosine", ...) every ``config.affinity_every`` steps; the first such run also serves as
+        the all-task network (measuring affinity leaves the update as it is)."""
         everything = tuple(range(self.num_tasks))
-        net = self._fit(everything, affinity)
-        self.cache.setdefault(everything, net)
+        net = self._fit(everything, self.config.seed, affinity)
+        self.cache.setdefault((everything, self.config.seed), net)
         return net
 
 
@@ -232,7 +242,7 @@ def random_partition(num_tasks: int, num_groups: int, rng: np.random.Generator
 
 
 def serve(trainer: GroupTrainer, groups: Sequence[Sequence[int]],
-          serving: Sequence[int] | None = None) -> dict[str, Any]:
+          serving: Sequence[int] | None = None, repeats: int = 1) -> dict[str, Any]:
     """Trains (or fetches) each group and reads every task from its serving network.
 
     Args:
@@ -240,9 +250,12 @@ def serve(trainer: GroupTrainer, groups: Sequence[Sequence[int]],
       groups: the groups (they must cover every task).
       serving: per task, the index of its serving group; by default the only group holding it
         (groups must then be disjoint).
+      repeats: train each group with this many seeds and average the errors over them.
 
     Returns:
-      {"groups", "serving", "per_task_error" (T,), "total_error", "mean_error"} on "test".
+      {"groups", "serving", "per_task_error" (T,): test error averaged over the repeats,
+      "total_error" (its sum), "mean_error" (its mean), "total_error_repeats" (one total per
+      seed)}.
     """
     groups = [tuple(sorted(int(i) for i in g)) for g in groups]
     if serving is None:
@@ -251,14 +264,19 @@ def serve(trainer: GroupTrainer, groups: Sequence[Sequence[int]],
             raise ValueError(f"groups {groups} overlap; pass serving= to say which serves whom.")
         serving = [owner[t] for t in range(trainer.num_tasks)]
     if len(serving) != trainer.num_tasks or any(
-            t not in groups[s] for t, s in enumerate(serving)):
+            not 0 <= s < len(groups) or t not in groups[s] for t, s in enumerate(serving)):
         raise ValueError(f"serving={list(serving)} must name, for each of the "
                          f"{trainer.num_tasks} tasks, a group in {groups} that contains it.")
-    nets = [trainer.network(g) for g in groups]
-    error = np.array([nets[s].test_error[t] for t, s in enumerate(serving)])
+    errors = []
+    for r in range(repeats):
+        nets = [trainer.network(g, r) for g in groups]
+        errors.append([nets[s].test_error[t] for t, s in enumerate(serving)])
+    errors = np.array(errors)
+    error = errors.mean(0)
     return {"groups": [list(g) for g in groups], "serving": [int(s) for s in serving],
             "per_task_error": error.tolist(), "total_error": float(error.sum()),
-            "mean_error": float(error.mean())}
+            "mean_error": float(error.mean()),
+            "total_error_repeats": errors.sum(1).tolist()}
 
 
 def _cost(nets: Sequence[Network], compile_seconds: float, select_seconds: float
@@ -276,39 +294,9 @@ def _log(config, message: str) -> None:
         print(f"[study] {message}", flush=True)
 
 
-def run_study(config: ml_collections.ConfigDict, workdir: str, *,
-              dataset: ArrayDataset | None = None) -> dict[str, Any]:
-    """Runs the whole study and writes ``study.json``, ``study.md`` and ``study.png``.
-
-    Args:
-      config: an experiment config (see ``experiments/configs/study_digits.py``) with, besides
-        the usual model/optimizer/data fields: ``group_counts`` (numbers of networks k to
-        select), ``random_seeds`` (random partitions per k), ``validation_fraction`` (held out
-        of "train" when the dataset has no "validation" split), ``selection_method`` (for
-        :func:`tr_jax.grouping.select_groups`), ``affinity_every`` and ``lookahead``.
-      workdir: output directory.
-      dataset: the tasks to study; by default ``build_dataset(config)``.
-
-    Returns:
-      The results dict (what ``study.json`` holds): ``task_names``, ``group_counts``,
-      ``methods`` (``all_in_one``, ``one_per_task``: one served result each; ``tag``, ``cs``,
-      ``hoa``: {k: served result + ``selection_score``}; ``random``: {k: summary + ``seeds``}),
-      ``matrices`` (``tag``, ``cs``: ``Z[source, target]``; ``hoa``: ``scores[source, target]``),
-      ``networks`` (every trained network: tasks, per-task validation and test error, None
-      outside its tasks), ``selection_cost`` per method, ``speedup`` (HOA over TAG),
-      ``training`` (every run in order, with its affinity), ``environment``.
-    """
-    wall = time.perf_counter()
-    load_before = os.getloadavg()
-    dataset = hold_out_validation(dataset or build_dataset(config),
-                                  config.get("validation_fraction", 0.2), config.seed)
-    t = dataset.num_tasks
-    counts = [int(k) for k in config.group_counts]
-    if t < 2 or any(not 1 <= k <= t for k in counts):
-        raise ValueError(f"group_counts={counts} must lie in [1, T={t}] with T >= 2.")
-    trainer = GroupTrainer(config, dataset)
-    _log(config, f"{t} tasks, {trainer.steps_per_run} steps per network")
-
+def _choose(trainer: GroupTrainer, config: ml_collections.ConfigDict
+            ) -> tuple[dict[str, np.ndarray], dict[str, list[Network]]]:
+    """The score matrix of each method and the runs it took (TAG, CS: one; HOA: T + T(T-1)/2)."""
     matrices, nets = {}, {}
     for method, affinity in AFFINITY_OF.items():
         net = trainer.affinity_run(affinity)
@@ -318,36 +306,87 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, *,
     matrices["hoa"], nets["hoa"] = hoa_matrix(trainer)
     _log(config, f"hoa: {len(nets['hoa'])} single-task and pairwise runs "
                  f"({sum(n.train_seconds for n in nets['hoa']):.1f} s)")
+    return matrices, nets
 
+
+def _compare(trainer: GroupTrainer, config: ml_collections.ConfigDict,
+             matrices: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, float]]:
+    """Selects, trains and evaluates the groups of every method and baseline.
+
+    Returns:
+      (the ``methods`` entry of the results, selection-search seconds per method).
+    """
+    t, repeats = trainer.num_tasks, config.get("repeats", 1)
     methods: dict[str, Any] = {m: {} for m in METHODS}
     select_seconds = dict.fromkeys(METHODS, 0.0)
     for method in METHODS:
-        objective = "hoa" if method == "hoa" else "tag"
-        for k in counts:
+        for k in config.group_counts:
             start = time.perf_counter()
-            choice = grouping.select_groups(matrices[method], k, objective=objective,
+            choice = grouping.select_groups(matrices[method], int(k),
+                                            objective="hoa" if method == "hoa" else "tag",
                                             method=config.get("selection_method", "auto"))
             select_seconds[method] += time.perf_counter() - start
-            methods[method][str(k)] = {**serve(trainer, choice.groups, choice.serving),
+            methods[method][str(k)] = {**serve(trainer, choice.groups, choice.serving, repeats),
                                        "selection_score": choice.score}
-    methods["all_in_one"] = serve(trainer, [range(t)])
-    methods["one_per_task"] = serve(trainer, [(i,) for i in range(t)])
+    methods["all_in_one"] = serve(trainer, [range(t)], repeats=repeats)
+    methods["one_per_task"] = serve(trainer, [(i,) for i in range(t)], repeats=repeats)
     methods["random"] = {}
-    for k in counts:
-        runs = [serve(trainer, random_partition(t, k, np.random.default_rng([seed, k])))
-                for seed in range(config.get("random_seeds", 5))]
+    for k in config.group_counts:
+        runs = [serve(trainer, random_partition(t, int(k), np.random.default_rng([seed, k])),
+                      repeats=repeats) for seed in range(config.get("random_seeds", 5))]
         totals = np.array([r["total_error"] for r in runs])
         methods["random"][str(k)] = {
             "total_error_mean": float(totals.mean()), "total_error_std": float(totals.std()),
             "total_error_min": float(totals.min()), "total_error_max": float(totals.max()),
             "mean_error_mean": float(totals.mean() / t), "seeds": runs}
+    return methods, select_seconds
+
+
+def run_study(config: ml_collections.ConfigDict, workdir: str, *,
+              dataset: ArrayDataset | None = None) -> dict[str, Any]:
+    """Runs the whole study and writes ``study.json``, ``study.md`` and figures.
+
+    Args:
+      config: an experiment config (see ``experiments/configs/study_digits.py``) with, besides
+        the usual model/optimizer/data fields: ``group_counts`` (numbers of networks k to
+        select), ``random_seeds`` (random partitions per k), ``repeats`` (training seeds each
+        evaluated group is trained with; errors are averaged over them -- the selection runs
+        use the first seed only), ``validation_fraction`` (held out of "train" when the dataset
+        has no "validation" split), ``selection_method`` (for
+        :func:`tr_jax.grouping.select_groups`), ``affinity_every`` and ``lookahead``.
+      workdir: output directory.
+      dataset: the tasks to study; by default ``build_dataset(config)``.
+
+    Returns:
+      The results dict (what ``study.json`` holds): ``task_names``, ``group_counts``,
+      ``methods`` (``all_in_one``, ``one_per_task``: one served result each; ``tag``, ``cs``,
+      ``hoa``: {k: served result + ``selection_score``}; ``random``: {k: summary + ``seeds``}),
+      ``matrices`` (``tag``, ``cs``: ``Z[source, target]``; ``hoa``: ``scores[source, target]``),
+      ``networks`` (every training run in order: tasks, seed, affinity measured, steps, seconds,
+      per-task validation and test error, None outside its tasks), ``selection_cost`` per
+      method, ``speedup`` (HOA over TAG), ``training`` (counts and compile seconds),
+      ``planted_groups`` and ``environment``.
+    """
+    wall = time.perf_counter()
+    load_before = os.getloadavg()
+    dataset = hold_out_validation(dataset or build_dataset(config),
+                                  config.get("validation_fraction", 0.2), config.seed)
+    t = dataset.num_tasks
+    if t < 2 or any(not 1 <= int(k) <= t for k in config.group_counts):
+        raise ValueError(f"config.group_counts={tuple(config.group_counts)} must lie in "
+                         f"[1, T={t}] with T >= 2.")
+    trainer = GroupTrainer(config, dataset)
+    _log(config, f"{t} tasks, {trainer.steps_per_run} steps per network")
+    matrices, nets = _choose(trainer, config)
+    methods, select_seconds = _compare(trainer, config, matrices)
     _log(config, f"trained {len(trainer.trained)} networks for {trainer.requests} requests")
 
     compile_of = {"tag": "lookahead", "cs": "cosine", "hoa": "plain"}
     cost = {m: _cost(nets[m], trainer.compile_seconds[compile_of[m]], select_seconds[m])
             for m in METHODS}
     results = {
-        "task_names": list(dataset.task_names), "group_counts": counts, "methods": methods,
+        "task_names": list(dataset.task_names),
+        "group_counts": [int(k) for k in config.group_counts], "methods": methods,
         "matrices": {m: np.asarray(v).tolist() for m, v in matrices.items()},
         "orientation": "matrices[m][source][target]; hoa: error of target trained with source, "
                        "diagonal = single-task validation error",
@@ -357,14 +396,13 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, *,
                     "hoa_over_tag_seconds_with_compile":
                         cost["hoa"]["seconds_with_compile"]
                         / cost["tag"]["seconds_with_compile"]},
-        "networks": [{"tasks": list(n.tasks), "steps": n.steps,
+        "networks": [{"tasks": list(n.tasks), "seed": n.seed, "measured": n.measured,
+                      "steps": n.steps, "train_seconds": n.train_seconds,
                       "validation_error": _finite_or_none(n.validation_error),
-                      "test_error": _finite_or_none(n.test_error),
-                      "train_seconds": n.train_seconds} for n in trainer.cache.values()],
-        "training": {"networks_trained": len(trainer.trained),
-                     "task_sets": [list(s) for s, _ in trainer.trained],
-                     "affinity": [a for _, a in trainer.trained],
-                     "requests": trainer.requests, "steps_per_network": trainer.steps_per_run,
+                      "test_error": _finite_or_none(n.test_error)} for n in trainer.trained],
+        "training": {"networks_trained": len(trainer.trained), "requests": trainer.requests,
+                     "steps_per_network": trainer.steps_per_run,
+                     "repeats": config.get("repeats", 1),
                      "compile_seconds": trainer.compile_seconds},
         "planted_groups": None if dataset.groups is None else [list(g) for g in dataset.groups],
         "config": config.to_dict(),
@@ -399,65 +437,88 @@ def _finite_or_none(values: np.ndarray) -> list[float | None]:
     return [float(v) if np.isfinite(v) else None for v in values]
 
 
-def _groups_text(names: Sequence[str], entry: dict[str, Any]) -> str:
-    return " | ".join("{" + ", ".join(names[i] for i in g) + "}" for g in entry["groups"])
+def _total_cell(entry: dict[str, Any]) -> str:
+    spread = np.std(entry["total_error_repeats"])
+    return f"{entry['total_error']:.4f}" + (f" ± {spread:.4f}" if spread else "")
 
 
-def format_study_table(results: dict[str, Any]) -> str:
-    """The study as Markdown: total test error per method and k, the cost of choosing the
-    groups, the chosen groups and the per-task errors."""
+def _error_table(results: dict[str, Any]) -> list[str]:
     names, counts, m = results["task_names"], results["group_counts"], results["methods"]
-    t = len(names)
-    cols = " | ".join(f"{k} networks" for k in counts)
-    lines = ["### Total test error (sum over tasks of 1 - accuracy; mean per task in brackets)",
-             "", f"| method | {cols} |", "|---" * (len(counts) + 1) + "|"]
-    for key, label in (("tag", "TAG"), ("cs", "CS"), ("hoa", "HOA")):
-        cells = [f"{m[key][str(k)]['total_error']:.4f} ({m[key][str(k)]['mean_error']:.4f})"
-                 for k in counts]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    repeats = results["training"]["repeats"]
     seeds = len(m["random"][str(counts[0])]["seeds"])
+    note = (f"mean over {repeats} training seeds ± their std; " if repeats > 1 else "")
+    lines = [f"### Total test error over {len(names)} tasks (sum of 1 - accuracy; {note}"
+             f"divide by {len(names)} for the mean per task)", "",
+             "| method | " + " | ".join(f"{k} networks" for k in counts) + " |",
+             "|---" * (len(counts) + 1) + "|"]
+    for key, label in (("tag", "TAG"), ("cs", "CS"), ("hoa", "HOA")):
+        lines.append(f"| {label} | " + " | ".join(_total_cell(m[key][str(k)])
+                                                  for k in counts) + " |")
     cells = [f"{r['total_error_mean']:.4f} ± {r['total_error_std']:.4f}"
              for r in (m["random"][str(k)] for k in counts)]
-    lines.append(f"| random ({seeds} seeds, mean ± std) | " + " | ".join(cells) + " |")
+    lines.append(f"| random ({seeds} partitions, mean ± std) | " + " | ".join(cells) + " |")
     for key, label in (("all_in_one", "all tasks in 1 network"),
-                       ("one_per_task", f"1 network per task ({t})")):
-        cells = [f"{m[key]['total_error']:.4f} ({m[key]['mean_error']:.4f})"] * len(counts)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    cost, speed = results["selection_cost"], results["speedup"]
-    lines += ["", "### Compute spent choosing the groups", "",
-              "| method | runs | training steps | run + validation s | selection s | total s | "
-              "XLA compile s |", "|---|---|---|---|---|---|---|"]
+                       ("one_per_task", f"1 network per task ({len(names)})")):
+        lines.append(f"| {label} | " + " | ".join([_total_cell(m[key])] * len(counts)) + " |")
+    return lines
+
+
+def _cost_table(results: dict[str, Any]) -> list[str]:
+    cost, speed, t = results["selection_cost"], results["speedup"], len(results["task_names"])
+    lines = ["### Compute spent choosing the groups", "",
+             "| method | runs | training steps | runs + validation s | selection s | total s | "
+             "XLA compile s |", "|---|---|---|---|---|---|---|"]
     for key, label in (("tag", "TAG (1 run, lookahead)"), ("cs", "CS (1 run, cosine)"),
                        ("hoa", f"HOA ({t} + {t * (t - 1) // 2} runs)")):
         c = cost[key]
         lines.append(f"| {label} | {c['runs']} | {c['steps']} | {c['train_seconds']:.2f} | "
                      f"{c['select_seconds']:.2f} | {c['seconds']:.2f} | "
                      f"{c['compile_seconds']:.2f} |")
-    lines += ["", f"HOA / TAG: {speed['hoa_over_tag_steps']:.1f}x the training steps, "
-                  f"{speed['hoa_over_tag_seconds']:.1f}x the wall seconds "
-                  f"({speed['hoa_over_tag_seconds_with_compile']:.1f}x counting each method's "
-                  "one-time XLA compilation)."]
-    lines += ["", "### Chosen groups", "", "| method | k | groups |", "|---|---|---|"]
+    return lines + ["", f"HOA / TAG: {speed['hoa_over_tag_steps']:.1f}x the training steps, "
+                        f"{speed['hoa_over_tag_seconds']:.1f}x the wall seconds "
+                        f"({speed['hoa_over_tag_seconds_with_compile']:.1f}x counting each "
+                        "method's one-time XLA compilation)."]
+
+
+def _groups_table(results: dict[str, Any]) -> list[str]:
+    names, m = results["task_names"], results["methods"]
+    lines = ["### Chosen groups (overlapping groups serve each task from its best one)", "",
+             "| method | k | groups |", "|---|---|---|"]
     for key, label in (("tag", "TAG"), ("cs", "CS"), ("hoa", "HOA")):
-        for k in counts:
-            lines.append(f"| {label} | {k} | {_groups_text(names, m[key][str(k)])} |")
+        for k in results["group_counts"]:
+            groups = m[key][str(k)]["groups"]
+            text = " ".join("{" + ", ".join(names[i] for i in g) + "}" for g in groups)
+            lines.append(f"| {label} | {k} | {text} |")
+    return lines
+
+
+def _per_task_table(results: dict[str, Any]) -> list[str]:
+    names, counts, m = results["task_names"], results["group_counts"], results["methods"]
     head = ["all in 1", "1 per task"] + [f"{label}@{k}" for label in ("TAG", "CS", "HOA")
                                          for k in counts]
-    lines += ["", "### Per-task test error", "", "| task | " + " | ".join(head) + " |",
-              "|---" * (len(head) + 1) + "|"]
     entries = [m["all_in_one"], m["one_per_task"]] + [m[key][str(k)] for key in METHODS
                                                       for k in counts]
+    lines = ["### Per-task test error", "", "| task | " + " | ".join(head) + " |",
+             "|---" * (len(head) + 1) + "|"]
     for i, name in enumerate(names):
         lines.append(f"| {name} | " + " | ".join(f"{e['per_task_error'][i]:.4f}"
                                                  for e in entries) + " |")
-    env = results["environment"]
-    lines += ["", f"Study wall time {env['wall_seconds']:.1f} s on {env['cpus']} CPUs "
-                  f"({env['backend']}, jax {env['jax']}); load average "
-                  f"{env['load_average_before'][0]:.1f} before, "
-                  f"{env['load_average_after'][0]:.1f} after; "
-                  f"{results['training']['networks_trained']} networks trained, "
-                  f"{results['training']['steps_per_network']} steps each."]
-    return "\n".join(lines)
+    return lines
+
+
+def format_study_table(results: dict[str, Any]) -> str:
+    """The study as Markdown: total test error per method and k, the cost of choosing the
+    groups, the chosen groups and the per-task errors."""
+    env, training = results["environment"], results["training"]
+    footer = (f"Study wall time {env['wall_seconds']:.1f} s on {env['cpus']} CPUs "
+              f"({env['backend']}, jax {env['jax']}); load average "
+              f"{env['load_average_before'][0]:.1f} before, "
+              f"{env['load_average_after'][0]:.1f} after; {training['networks_trained']} "
+              f"networks trained ({training['requests']} requests), "
+              f"{training['steps_per_network']} steps each.")
+    parts = [_error_table(results), _cost_table(results), _groups_table(results),
+             _per_task_table(results), [footer]]
+    return "\n\n".join("\n".join(part) for part in parts)
 
 
 def plot_study(results: dict[str, Any], path: str) -> None:

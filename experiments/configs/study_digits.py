@@ -36,7 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.strategy = "auto"
     # study
     c.group_counts = (2, 3, 4)   # numbers of networks to select
-    c.random_seeds = 5           # random partitions per number of networks
+    c.random_seeds = 10          # random partitions per number of networks
+    c.repeats = 3                # training seeds per evaluated network (errors averaged)
     c.selection_method = "auto"  # grouping.select_groups method (exact up to 12 tasks)
     c.progress = True
     return c
