@@ -110,6 +110,16 @@ def resolve_strategy(strategy: str, num_tasks: int, chunk_size: int | None
     return "chunked", chunk_size or AUTO_ACCEL_VMAP_MAX
 
 
+def strategy_grads(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any,
+                   strategy: Strategy = "auto", chunk_size: int | None = None
+                   ) -> tuple[jax.Array, PyTree]:
+    """:func:`per_task_grads`, chunked over tasks when ``strategy`` resolves to ``"chunked"``."""
+    num_tasks = check_losses(jax.eval_shape(loss_fn, shared, rest, batch))
+    concrete, chunk = resolve_strategy(strategy, num_tasks, chunk_size)
+    return per_task_grads(loss_fn, shared, rest, batch,
+                          chunk_size=chunk if concrete == "chunked" else None)
+
+
 def lookahead_losses(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any,
                      grads: PyTree, *, update_fn: UpdateFn, strategy: Strategy = "auto",
                      chunk_size: int | None = None) -> jax.Array:
@@ -181,10 +191,7 @@ def lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any
     check_lr(lr)
     check_shared(shared)
     if losses_and_grads is None:
-        num_tasks = check_losses(jax.eval_shape(loss_fn, shared, rest, batch))
-        concrete, chunk = resolve_strategy(strategy, num_tasks, chunk_size)
-        losses_and_grads = per_task_grads(loss_fn, shared, rest, batch,
-                                          chunk_size=chunk if concrete == "chunked" else None)
+        losses_and_grads = strategy_grads(loss_fn, shared, rest, batch, strategy, chunk_size)
     losses, grads = losses_and_grads
     assert_task_axis(grads, shared, check_losses(losses))
     after = lookahead_losses(loss_fn, shared, rest, batch, grads,
