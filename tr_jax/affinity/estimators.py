@@ -354,6 +354,12 @@ def _check_unrouted(model: MultiTaskModel) -> None:
             f"(sharing=None). Use taylor_affinity or sketched_affinity instead.")
 
 
+def head_logits(model: MultiTaskModel, head_params: PyTree, features: jax.Array) -> jax.Array:
+    """All T heads of ``model`` on features (B, D) -> logits (B, T, K)."""
+    return MultiTaskHead(model.num_tasks, model.num_classes, model.dtype).apply(
+        {"params": head_params}, features, None)
+
+
 def model_representation(model: MultiTaskModel
                          ) -> tuple[Callable[..., tuple[jax.Array, Any]], LossFn]:
     """Splits an unrouted multi-task model into its encoder and its heads' per-task loss.
@@ -372,7 +378,6 @@ def model_representation(model: MultiTaskModel
       ValueError: if the model is routed.
     """
     _check_unrouted(model)
-    head = MultiTaskHead(model.num_tasks, model.num_classes, model.dtype)
 
     def is_encoder(module: nn.Module, method_name: str) -> bool:
         return method_name == "__call__" and module.scope.path == ("encoder",)
@@ -386,16 +391,23 @@ def model_representation(model: MultiTaskModel
         return state["intermediates"]["encoder"]["__call__"][0], state.get("batch_stats")
 
     def head_loss_fn(features: jax.Array, head_params: PyTree, batch: dict) -> jax.Array:
-        logits = head.apply({"params": head_params}, features, None)
-        return losses_lib.per_task_losses(logits, batch["labels"], batch.get("label_mask"))
+        return losses_lib.per_task_losses(head_logits(model, head_params, features),
+                                          batch["labels"], batch.get("label_mask"))
 
     return features_fn, head_loss_fn
 
 
 def model_representation_affinity(model: MultiTaskModel, variables: dict, batch: dict, *,
                                   lr: float) -> jax.Array:
-    """:func:`representation_affinity` of an unrouted model on one batch, in one call.
+    """:func:`representation_affinity` of an unrouted model on one batch, without T backwards.
 
+    Same matrix as ``representation_affinity(head_loss_fn, features, head_params, batch)``
+    with the pieces of :func:`model_representation`, computed from the structure of
+    :class:`~tr_jax.models.MultiTaskHead`: task i's loss depends only on its own logits, so
+    ONE backward pass gives every ``δ_i = dL_i/dlogits_i`` (B, K), and
+    ``r_i = δ_i W_iᵀ`` with W_i = kernel[:, i] (D, K). Hence
+    ``r_i·r_j = Σ_{k,l} (Σ_b δ_bik δ_bjl) (W_:ik · W_:jl)``: O(T² K² (B + D)) flops instead of
+    the O(T² K B D) of T dense head backwards (at T = 312, D = 4096, B = 32: ~8x fewer).
     The features come from the encoder with BatchNorm in training mode (batch statistics, as
     the lookahead's losses); the returned statistics are discarded.
 
@@ -404,12 +416,19 @@ def model_representation_affinity(model: MultiTaskModel, variables: dict, batch:
       variables: its variables (``params`` with ``encoder`` and ``head``, optional
         ``batch_stats``).
       batch: ``{"image", "labels" (B, T), optional "label_mask"}``.
-      lr: learning rate (> 0).
+      lr: learning rate (> 0), checked for a uniform signature.
 
     Returns:
       (T, T) affinity estimate (source i, target j).
     """
-    features_fn, head_loss_fn = model_representation(model)
+    check_lr(lr)
+    features_fn, _ = model_representation(model)
     features, _ = features_fn(variables, batch["image"], train=True)
-    return representation_affinity(head_loss_fn, jax.lax.stop_gradient(features),
-                                   variables["params"]["head"], batch, lr=lr)
+    head = variables["params"]["head"]
+    losses, pullback = jax.vjp(lambda lg: losses_lib.per_task_losses(
+        lg, batch["labels"], batch.get("label_mask")), head_logits(model, head, features))
+    (delta,) = pullback(jnp.ones_like(losses))                          # (B, T, K)
+    kernel = head["kernel"].astype(delta.dtype)                          # (D, T, K)
+    gram = (jnp.einsum("bik,bjl->ikjl", delta, delta)
+            * jnp.einsum("dik,djl->ikjl", kernel, kernel)).sum((1, 3))
+    return _per_target(gram, losses)
