@@ -678,7 +678,8 @@ def _lagrangian_bound(prob: _Problem, num_groups: int, max_iters: int = 40) -> f
 
 
 def select_groups(scores, num_groups: int, *, objective: str = "tag", method: str = "auto",
-                  restarts: int = 8, seed: int = 0, time_limit: float = 30.0) -> Grouping:
+                  restarts: int | None = None, seed: int = 0,
+                  time_limit: float = 30.0) -> Grouping:
     """Chooses at most ``num_groups`` task groups (network selection).
 
     Args:
@@ -688,7 +689,8 @@ def select_groups(scores, num_groups: int, *, objective: str = "tag", method: st
       objective: "tag" (maximize mean served affinity; singletons forbidden) or "hoa" (minimize
         mean served error; a singleton's error is the single-task error).
       method: "exact", "milp", "heuristic" or "auto" (see the module docstring).
-      restarts: local-search restarts for "milp"/"heuristic" (deterministic in ``seed``).
+      restarts: local-search restarts for "milp"/"heuristic" (deterministic in ``seed``);
+        default ``clip(1024 // T, 8, 64)``: many for small T, where each run is cheap.
       seed: seed of those restarts.
       time_limit: seconds for the pool MILP of "milp".
 
@@ -712,6 +714,8 @@ def select_groups(scores, num_groups: int, *, objective: str = "tag", method: st
         member = _solve_exact(prob, num_groups)
         return _finish(prob, member, method, objective, bound=float(
             _evaluate(prob, member)[0].mean()))
+    if restarts is None:
+        restarts = int(np.clip(1024 // t, 8, 64))
     best, pool = _local_search(prob, num_groups, restarts, seed)
     if method == "heuristic":
         _, u = _column_bounds(prob)
