@@ -79,13 +79,32 @@ def test_heatmap_annotations_and_bad_inputs():
     z = _matrix()
     fig = plots.affinity_heatmap(z, NAMES, show_diagonal=True)
     texts = [t.get_text() for t in fig.axes[0].texts]
-    assert len(texts) == 25 and "50" in texts and "3" in texts
+    assert len(texts) == 25 and "50" in texts and "3" in texts  # vmax 50: no decimals
+    texts = [t.get_text() for t in plots.affinity_heatmap(0.04 * z, NAMES).axes[0].texts]
+    assert len(texts) == 20 and "0.12" in texts and "-0.12" in texts  # vmax 0.12: 2 decimals
+    tiny = np.array([[0.0, -1e-4], [1.0, 0.0]])
+    assert [t.get_text() for t in plots.affinity_heatmap(tiny, NAMES[:2]).axes[0].texts] == \
+        ["0.0", "1.0"]  # no "-0.0"
     with pytest.raises(ValueError, match="square"):
         plots.affinity_heatmap(np.zeros((2, 3)), NAMES[:2])
     with pytest.raises(ValueError, match="task_names"):
         plots.affinity_heatmap(z, NAMES[:4])
     with pytest.raises(ValueError, match="groups"):
         plots.affinity_heatmap(z, NAMES, groups=((0, 5),))
+
+
+def test_heatmap_at_312_tasks_stays_small_and_unlabelled(tmp_path):
+    t = 312
+    z = np.random.default_rng(1).normal(size=(t, t))
+    names = [f"has_attribute_{i}" for i in range(t)]
+    groups = [tuple(range(i, t, 4)) for i in range(4)]
+    fig = plots.affinity_heatmap(z, names, groups=groups, path=tmp_path / "big.png")
+    height, width = matplotlib.image.imread(tmp_path / "big.png").shape[:2]
+    assert width < 1400 and height < 1400
+    ax = fig.axes[0]
+    assert not [t.get_text() for t in ax.get_xticklabels() if t.get_text() in names]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(legend) == 4 and legend[0].endswith("(78 tasks)")
 
 
 def test_group_order():

@@ -23,6 +23,7 @@ from matplotlib.ticker import NullFormatter
 from matplotlib.transforms import offset_copy
 
 ANNOTATE_MAX_TASKS = 12  # cells get their value written in when T is at most this
+LABEL_MAX_TASKS = 60  # axes carry the task names when T is at most this
 _GROUP_COLORS = colormaps["Dark2"].colors  # distinct from the red/blue heat colours
 
 
@@ -80,6 +81,34 @@ def _runs(positions: np.ndarray) -> list[tuple[int, int]]:
     return [(int(positions[s]), int(positions[e])) for s, e in zip(starts, ends)]
 
 
+def _annotate_cells(ax: Axes, values: np.ndarray, vmax: float) -> None:
+    """Writes every finite cell's value in it, with 2 significant digits at ``vmax``."""
+    decimals = max(0, 1 - int(np.floor(np.log10(vmax))))
+    for (p, q), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            shown = round(float(value), decimals) + 0.0  # + 0.0: no "-0.00"
+            ax.text(q, p, f"{shown:.{decimals}f}", ha="center", va="center", fontsize=7,
+                    color="white" if abs(value) > 0.6 * vmax else "black")
+
+
+def _outline_groups(ax: Axes, groups: list[list[int]], order: np.ndarray,
+                    task_names: Sequence[str]) -> None:
+    """Outlines each group's cells (members x members) of the matrix shown in ``order``, as
+    rectangles over the runs of consecutive positions, one legend entry per group."""
+    position = np.argsort(order)
+    for g, members in enumerate(groups):
+        names = [task_names[i] for i in members]
+        label = f"group {g}: " + (", ".join(names) if len(names) <= 8 else
+                                  ", ".join(names[:6]) + f", ... ({len(names)} tasks)")
+        runs = _runs(np.sort(position[members]))
+        for r0, r1 in runs:
+            for c0, c1 in runs:
+                ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0 + 1, r1 - r0 + 1,
+                                       fill=False, linewidth=2.5, label=label,
+                                       edgecolor=_GROUP_COLORS[g % len(_GROUP_COLORS)]))
+                label = None
+
+
 def affinity_heatmap(matrix, task_names: Sequence[str],
                      groups: Sequence[Sequence[int]] | None = None,
                      path: str | os.PathLike | None = None, *, title: str | None = None,
@@ -89,7 +118,8 @@ def affinity_heatmap(matrix, task_names: Sequence[str],
     """Heatmap of a task-affinity matrix, with task groups outlined.
 
     The colour scale is symmetric around 0 (white), red = positive (source helps target),
-    blue = negative. With ``groups``, tasks are reordered so each group is a contiguous block
+    blue = negative. The figure stays a few inches wide at T in the hundreds (task names are
+    shown up to ``LABEL_MAX_TASKS`` tasks). With ``groups``, tasks are reordered so each group is a contiguous block
     (see :func:`group_order`) and every group's cells (members x members) are outlined in its
     colour; a group whose members cannot all be contiguous (overlapping groups) is outlined
     as several rectangles covering exactly its cells.
@@ -124,34 +154,29 @@ def affinity_heatmap(matrix, task_names: Sequence[str],
     if vmax is None:
         vmax = float(np.abs(shown).max()) if shown.count() else 1.0
         vmax = vmax or 1.0
-    fig, ax = _axes(ax, (2.6 + 0.5 * t, 1.8 + 0.45 * t + (0.25 * len(groups) if groups else 0)))
+    labeled = t <= LABEL_MAX_TASKS
+    names = [task_names[i] for i in order]
+    margin = 0.07 * max(map(len, names)) if labeled else 0.0
+    cell = min(0.5, 10.0 / t)  # inches: the matrix stays within 10 x 10 inches at T = 312
+    fig, ax = _axes(ax, (2.4 + margin + cell * t,
+                         1.6 + margin + cell * t + (0.2 * len(groups) if groups else 0)))
     image = ax.imshow(shown, cmap=colormaps[cmap].with_extremes(bad="0.85"), vmin=-vmax,
                       vmax=vmax, interpolation="nearest")
     fig.colorbar(image, ax=ax, shrink=0.8)
-    names = [task_names[i] for i in order]
-    ax.set_xticks(range(t), names, rotation=90)
-    ax.set_yticks(range(t), names)
-    ax.set_xlabel("target j")
+    if labeled:
+        ax.set_xticks(range(t), names, rotation=90)
+        ax.set_yticks(range(t), names)
+    ax.set_xlabel("target j" if labeled else f"target j ({t} tasks, names not shown)")
     ax.set_ylabel("source i")
     ax.set_title(title if title is not None else "affinity[i, j]: source i onto target j")
     if annotate if annotate is not None else t <= ANNOTATE_MAX_TASKS:
-        for (p, q), value in np.ndenumerate(shown.filled(np.nan)):
-            if np.isfinite(value):
-                ax.text(q, p, f"{value:.2g}", ha="center", va="center", fontsize=7,
-                        color="white" if abs(value) > 0.6 * vmax else "black")
-    position = np.argsort(order)
-    for g, members in enumerate(_check_groups(groups or (), t)):
-        color = _GROUP_COLORS[g % len(_GROUP_COLORS)]
-        runs = _runs(np.sort(position[members]))
-        label = f"group {g}: " + ", ".join(task_names[i] for i in members)
-        for r0, r1 in runs:
-            for c0, c1 in runs:
-                ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0 + 1, r1 - r0 + 1,
-                                       fill=False, edgecolor=color, linewidth=2.5, label=label))
-                label = None  # one legend entry per group
+        _annotate_cells(ax, shown.filled(np.nan), vmax)
     if groups:
-        # Under the rotated x tick labels and the x label: shift down by their height.
-        below = 10 * (0.62 * max(map(len, names)) + 2.2)
+        _outline_groups(ax, _check_groups(groups, t), order, task_names)
+        # The legend goes under the x tick labels and the x label: shift it down by their
+        # height (fixed by their fonts, whatever the layout does to the axes).
+        below = sum(max((t.get_window_extent().height for t in texts), default=0.0)
+                    for texts in (ax.get_xticklabels(), [ax.xaxis.label])) * 72 / fig.dpi + 12
         ax.legend(loc="upper center", fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0),
                   bbox_transform=offset_copy(ax.transAxes, fig=fig, y=-below, units="points"))
     return _finish(fig, path)
