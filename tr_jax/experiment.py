@@ -45,8 +45,8 @@ def build_dataset(config: ml_collections.ConfigDict) -> ArrayDataset:
     if name == "digits":
         dataset = load_digits()
     elif name == "synthetic":
-        from tr_jax.data.synthetic import make_planted_tasks
-        dataset = make_planted_tasks(**kwargs)
+        from tr_jax.data.synthetic import load_synthetic
+        dataset = load_synthetic(**kwargs)
     else:
         raise ValueError(f"config.dataset={name!r} is unknown; use 'digits', 'synthetic', "
                          "'celeb_a' or 'cub'.")

@@ -88,8 +88,10 @@ class Network:
       validation_error: (T,) 1 - accuracy on "validation" (NaN outside ``tasks``).
       test_error: (T,) 1 - accuracy on "test" (NaN outside ``tasks``).
       steps: training steps taken.
-      train_seconds: wall seconds of the training loop (compilation excluded).
-      validation_seconds: wall seconds of the validation evaluation.
+      seconds: wall seconds of training and validation (what a selection run costs;
+        compilation excluded).
+      cpu_seconds: CPU seconds of this process over the same span (all threads): less
+        sensitive than wall time to other processes sharing the machine.
       measured: the affinity measured during the run ("lookahead", "cosine", ...) or None.
       affinity: the run-averaged (T, T) affinity ``Z[source, target]`` when measured, else None.
     """
@@ -99,8 +101,8 @@ class Network:
     validation_error: np.ndarray
     test_error: np.ndarray
     steps: int
-    train_seconds: float
-    validation_seconds: float
+    seconds: float
+    cpu_seconds: float
     measured: str | None = None
     affinity: np.ndarray | None = None
 
@@ -158,12 +160,19 @@ class GroupTrainer:
                                        shuffle=False, drop_remainder=False)
         return 1.0 - train.evaluate(self._eval, state, batches)["accuracy"]
 
-    def _fit(self, tasks: TaskSet, seed: int, affinity: str | None) -> Network:
-        """Trains a fresh network on ``tasks`` (labels of the other tasks masked)."""
+    def fit(self, tasks: TaskSet, seed: int, affinity: str | None = None) -> Network:
+        """Trains a fresh network on ``tasks`` (labels of the other tasks masked), uncached.
+
+        Args:
+          tasks: sorted task indices.
+          seed: initialization and batch-order seed.
+          affinity: also measure this affinity (see :data:`tr_jax.train.AFFINITIES`) every
+            ``config.affinity_every`` steps; the tasks should then be all tasks.
+        """
         c, step = self.config, self._step(affinity)
         member = np.zeros(self.num_tasks, bool)
         member[list(tasks)] = True
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         state = self._init(jax.random.key(seed), self._sample)
         finite = []
         for epoch in range(c.num_epochs):
@@ -172,19 +181,15 @@ class GroupTrainer:
                 batch["label_mask"] = batch["label_mask"] & member
                 state, metrics = step(state, batch)
                 finite.append(metrics["finite"])
-        jax.block_until_ready(state)
-        train_seconds = time.perf_counter() - start
         if not np.all(jax.device_get(finite)):
             raise FloatingPointError(f"non-finite loss training tasks {tasks}; lower "
                                      f"config.learning_rate (now {c.learning_rate}).")
-        start = time.perf_counter()
         outside = ~member
         val = np.where(outside, np.nan, self._evaluate(state, "validation"))
-        val_seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
         test = np.where(outside, np.nan, self._evaluate(state, "test"))
         matrix = np.asarray(train.mean_affinity(state), np.float64) if affinity else None
-        net = Network(tasks, seed, val, test, int(state.step), train_seconds, val_seconds,
-                      affinity, matrix)
+        net = Network(tasks, seed, val, test, int(state.step), seconds, cpu, affinity, matrix)
         self.trained.append(net)
         return net
 
@@ -198,7 +203,7 @@ class GroupTrainer:
         seed = self.config.seed + int(repeat)
         self.requests += 1
         if (key, seed) not in self.cache:
-            self.cache[key, seed] = self._fit(key, seed, None)
+            self.cache[key, seed] = self.fit(key, seed, None)
         return self.cache[key, seed]
 
     def affinity_run(self, affinity: str) -> Network:
@@ -206,7 +211,7 @@ class GroupTrainer:
         "cosine", ...) every ``config.affinity_every`` steps; the first such run also serves as
         the all-task network (measuring affinity leaves the update as it is)."""
         everything = tuple(range(self.num_tasks))
-        net = self._fit(everything, self.config.seed, affinity)
+        net = self.fit(everything, self.config.seed, affinity)
         self.cache.setdefault((everything, self.config.seed), net)
         return net
 
@@ -219,15 +224,19 @@ def hoa_matrix(trainer: GroupTrainer) -> tuple[np.ndarray, list[Network]]:
       on {s, t}, ``scores[t, t]`` = its single-task validation error (the "hoa" orientation of
       :mod:`tr_jax.grouping`); and the T + T (T - 1) / 2 networks used.
     """
-    t = trainer.num_tasks
-    scores = np.empty((t, t))
+    scores = np.empty((trainer.num_tasks,) * 2)
     nets = []
-    for a in range(t):
-        for b in range(a, t):
-            net = trainer.network((a, b) if a != b else (a,))
-            nets.append(net)
-            scores[a, b], scores[b, a] = net.validation_error[b], net.validation_error[a]
+    for tasks in hoa_task_sets(trainer.num_tasks):
+        net = trainer.network(tasks)
+        nets.append(net)
+        a, b = tasks[0], tasks[-1]
+        scores[a, b], scores[b, a] = net.validation_error[b], net.validation_error[a]
     return scores, nets
+
+
+def hoa_task_sets(num_tasks: int) -> list[TaskSet]:
+    """The T single tasks and T (T - 1) / 2 pairs HOA trains, ``(a,)`` before ``(a, b > a)``."""
+    return [(a, b) if a != b else (a,) for a in range(num_tasks) for b in range(a, num_tasks)]
 
 
 def random_partition(num_tasks: int, num_groups: int, rng: np.random.Generator
@@ -281,9 +290,10 @@ def serve(trainer: GroupTrainer, groups: Sequence[Sequence[int]],
 
 def _cost(nets: Sequence[Network], compile_seconds: float, select_seconds: float
           ) -> dict[str, Any]:
-    train_s = sum(n.train_seconds + n.validation_seconds for n in nets)
+    train_s = sum(n.seconds for n in nets)
     return {"runs": len(nets), "steps": int(sum(n.steps for n in nets)),
-            "train_seconds": train_s, "compile_seconds": compile_seconds,
+            "train_seconds": train_s, "cpu_seconds": sum(n.cpu_seconds for n in nets),
+            "compile_seconds": compile_seconds,
             "select_seconds": select_seconds,
             "seconds": train_s + select_seconds,
             "seconds_with_compile": train_s + select_seconds + compile_seconds}
@@ -302,10 +312,10 @@ def _choose(trainer: GroupTrainer, config: ml_collections.ConfigDict
         net = trainer.affinity_run(affinity)
         matrices[method], nets[method] = net.affinity, [net]
         _log(config, f"{method}: one all-task run measuring {affinity} "
-                     f"({net.train_seconds:.1f} s)")
+                     f"({net.seconds:.1f} s)")
     matrices["hoa"], nets["hoa"] = hoa_matrix(trainer)
     _log(config, f"hoa: {len(nets['hoa'])} single-task and pairwise runs "
-                 f"({sum(n.train_seconds for n in nets['hoa']):.1f} s)")
+                 f"({sum(n.seconds for n in nets['hoa']):.1f} s)")
     return matrices, nets
 
 
@@ -393,11 +403,13 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, *,
         "selection_cost": cost,
         "speedup": {"hoa_over_tag_steps": cost["hoa"]["steps"] / cost["tag"]["steps"],
                     "hoa_over_tag_seconds": cost["hoa"]["seconds"] / cost["tag"]["seconds"],
+                    "hoa_over_tag_cpu_seconds":
+                        cost["hoa"]["cpu_seconds"] / cost["tag"]["cpu_seconds"],
                     "hoa_over_tag_seconds_with_compile":
                         cost["hoa"]["seconds_with_compile"]
                         / cost["tag"]["seconds_with_compile"]},
         "networks": [{"tasks": list(n.tasks), "seed": n.seed, "measured": n.measured,
-                      "steps": n.steps, "train_seconds": n.train_seconds,
+                      "steps": n.steps, "seconds": n.seconds, "cpu_seconds": n.cpu_seconds,
                       "validation_error": _finite_or_none(n.validation_error),
                       "test_error": _finite_or_none(n.test_error)} for n in trainer.trained],
         "training": {"networks_trained": len(trainer.trained), "requests": trainer.requests,
@@ -466,18 +478,24 @@ def _error_table(results: dict[str, Any]) -> list[str]:
 def _cost_table(results: dict[str, Any]) -> list[str]:
     cost, speed, t = results["selection_cost"], results["speedup"], len(results["task_names"])
     lines = ["### Compute spent choosing the groups", "",
-             "| method | runs | training steps | runs + validation s | selection s | total s | "
-             "XLA compile s |", "|---|---|---|---|---|---|---|"]
+             "| method | runs | training steps | runs + validation s (CPU s) | selection s | "
+             "total s | XLA compile s |", "|---|---|---|---|---|---|---|"]
     for key, label in (("tag", "TAG (1 run, lookahead)"), ("cs", "CS (1 run, cosine)"),
                        ("hoa", f"HOA ({t} + {t * (t - 1) // 2} runs)")):
         c = cost[key]
-        lines.append(f"| {label} | {c['runs']} | {c['steps']} | {c['train_seconds']:.2f} | "
+        lines.append(f"| {label} | {c['runs']} | {c['steps']} | {c['train_seconds']:.2f} "
+                     f"({c['cpu_seconds']:.2f}) | "
                      f"{c['select_seconds']:.2f} | {c['seconds']:.2f} | "
                      f"{c['compile_seconds']:.2f} |")
     return lines + ["", f"HOA / TAG: {speed['hoa_over_tag_steps']:.1f}x the training steps, "
-                        f"{speed['hoa_over_tag_seconds']:.1f}x the wall seconds "
-                        f"({speed['hoa_over_tag_seconds_with_compile']:.1f}x counting each "
-                        "method's one-time XLA compilation)."]
+                        f"{speed['hoa_over_tag_seconds']:.1f}x the wall seconds, "
+                        f"{speed['hoa_over_tag_cpu_seconds']:.1f}x the CPU seconds "
+                        f"({speed['hoa_over_tag_seconds_with_compile']:.1f}x the wall seconds "
+                        "counting each method's one-time XLA compilation)."]
+
+
+def _named(names: Sequence[str], groups: Sequence[Sequence[int]]) -> str:
+    return " ".join("{" + ", ".join(names[i] for i in g) + "}" for g in groups)
 
 
 def _groups_table(results: dict[str, Any]) -> list[str]:
@@ -487,8 +505,9 @@ def _groups_table(results: dict[str, Any]) -> list[str]:
     for key, label in (("tag", "TAG"), ("cs", "CS"), ("hoa", "HOA")):
         for k in results["group_counts"]:
             groups = m[key][str(k)]["groups"]
-            text = " ".join("{" + ", ".join(names[i] for i in g) + "}" for g in groups)
-            lines.append(f"| {label} | {k} | {text} |")
+            lines.append(f"| {label} | {k} | {_named(names, groups)} |")
+    if results.get("planted_groups"):
+        lines += ["", f"Planted groups: {_named(names, results['planted_groups'])}"]
     return lines
 
 
@@ -531,23 +550,27 @@ def plot_study(results: dict[str, Any], path: str) -> None:
 
     counts, m = results["group_counts"], results["methods"]
     t = len(results["task_names"])
-    fig = Figure(figsize=(6, 4), dpi=120, layout="constrained")
+    fig = Figure(figsize=(7.5, 4), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for key, label, marker in (("tag", "TAG", "o"), ("cs", "CS", "s"), ("hoa", "HOA", "^")):
-        ax.plot(counts, [m[key][str(k)]["total_error"] for k in counts], marker=marker,
-                label=label)
+    for key, label, style in (("tag", "TAG", dict(marker="o", lw=3, alpha=0.8)),
+                              ("cs", "CS", dict(marker="s", ls="--", ms=5)),
+                              ("hoa", "HOA", dict(marker="^"))):
+        ax.plot(counts, [m[key][str(k)]["total_error"] for k in counts], label=label, **style)
     rnd = [m["random"][str(k)] for k in counts]
     ax.errorbar(counts, [r["total_error_mean"] for r in rnd],
-                yerr=[r["total_error_std"] for r in rnd], fmt="x--", color="gray", capsize=3,
+                yerr=[r["total_error_std"] for r in rnd], fmt="x:", color="gray", capsize=3,
                 label="random (mean ± std)")
-    ax.axhline(m["all_in_one"]["total_error"], color="k", ls=":", label="all in 1 network")
-    ax.axhline(m["one_per_task"]["total_error"], color="tab:red", ls="-.",
-               label=f"1 network per task ({t})")
+    baselines = (m["all_in_one"]["total_error"], m["one_per_task"]["total_error"])
+    ax.axhline(baselines[0], color="k", ls=":", label="all in 1 network")
+    ax.axhline(baselines[1], color="tab:red", ls="-.", label=f"1 network per task ({t})")
+    low, high = ax.get_ylim()
+    pad = 0.05 * (max(high, *baselines) - min(low, *baselines))
+    ax.set_ylim(min(low, min(baselines) - pad), max(high, max(baselines) + pad))
     ax.set_xticks(counts)
     ax.set_xlabel("number of networks k")
     ax.set_ylabel("total test error (sum over tasks)")
     ax.set_title(f"Task grouping on {t} tasks")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig.legend(loc="outside right upper", fontsize=8)
     fig.savefig(path, format="png")
