@@ -171,3 +171,13 @@ def test_affinity_over_steps_within_and_between_group_means():
     assert pair.get_label() == "r → p"
     with pytest.raises(ValueError, match="pairs"):
         plots.affinity_over_steps(np.arange(4), z)
+
+
+def test_runs_write_the_affinity_heatmap_next_to_their_results(tmp_path):
+    from tr_jax import experiment
+
+    z = _matrix()
+    experiment.save_affinity(str(tmp_path), z, NAMES)
+    image = matplotlib.image.imread(tmp_path / "affinity.png")
+    assert image.shape[0] > 300 and image.std() > 0.05
+    np.testing.assert_array_equal(np.load(tmp_path / "affinity.npy"), z)

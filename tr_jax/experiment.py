@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from tr_jax import checkpoint, models, train
+from tr_jax import checkpoint, models, plots, train
 from tr_jax.data import ArrayDataset, load_digits, task_subset
 from tr_jax.metrics import MetricWriter
 
@@ -108,14 +108,15 @@ def affinity_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def save_affinity(workdir: str, matrix: np.ndarray, task_names: tuple[str, ...]) -> None:
-    """Writes the run-averaged affinity as ``affinity.npy`` and ``affinity.json``
-    ({"task_names", "matrix", "orientation"}), by process 0."""
+    """Writes the run-averaged affinity as ``affinity.npy``, ``affinity.json``
+    ({"task_names", "matrix", "orientation"}) and the heatmap ``affinity.png``, by process 0."""
     if jax.process_index() != 0:
         return
     np.save(os.path.join(workdir, "affinity.npy"), matrix)
     with open(os.path.join(workdir, "affinity.json"), "w") as f:
         json.dump({"task_names": list(task_names), "orientation": "Z[source, target]",
                    "matrix": np.asarray(matrix).tolist()}, f)
+    plots.affinity_heatmap(matrix, task_names, path=os.path.join(workdir, "affinity.png"))
 
 
 @dataclasses.dataclass

@@ -217,6 +217,16 @@ def mask_matrix(masks, task_names: Sequence[str] | None = None,
     return _finish(fig, path)
 
 
+def _label(ax: Axes, xlabel: str, ylabel: str, title: str,
+           legend_title: str | None = None) -> None:
+    """Axis labels, title, a light grid and the legend of a line plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(title=legend_title, fontsize=8)
+
+
 def _series(values, length: int, name: str) -> np.ndarray:
     """``values`` as a (length, R) float array: R repeats (R = 1 for a plain vector)."""
     v = np.asarray(values, dtype=np.float64)
@@ -259,11 +269,8 @@ def accuracy_vs_sharing(sharings, accuracies_by_scheme: Mapping[str, object],
         if v.shape[1] > 1:
             ax.fill_between(s[ok], np.nanmin(v[ok], 1), np.nanmax(v[ok], 1),
                             color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("sharing ratio σ (1 = fully shared)")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(title="mask scheme")
-    ax.set_title(title if title is not None else "accuracy vs sharing")
+    _label(ax, "sharing ratio σ (1 = fully shared)", ylabel, title or "accuracy vs sharing",
+           legend_title="mask scheme")
     return _finish(fig, path)
 
 
@@ -298,11 +305,7 @@ def cost_vs_tasks(ts, seconds_by_method: Mapping[str, object],
     ax.set_yscale("log")
     ax.set_xticks(t, [f"{v:g}" for v in t])  # the measured T's, written plainly
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("number of tasks T")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    ax.set_title(title if title is not None else "cost vs number of tasks")
+    _label(ax, "number of tasks T", ylabel, title or "cost vs number of tasks")
     return _finish(fig, path)
 
 
@@ -362,9 +365,6 @@ def affinity_over_steps(steps, affinities, *, pairs: Sequence[tuple[int, int]] =
         ax.plot(steps, _moving_average(z[:, i, j], window), linewidth=1, alpha=0.8,
                 label=f"{names[i]} → {names[j]}")
     ax.axhline(0.0, color="0.5", linewidth=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("affinity" + (f" ({window}-step mean)" if window > 1 else ""))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title if title is not None else "affinity over training")
+    _label(ax, "step", "affinity" + (f" ({window}-step mean)" if window > 1 else ""),
+           title or "affinity over training")
     return _finish(fig, path)
