@@ -186,7 +186,8 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
                     mode: Mode = "all_tasks", chunk_size: int | None = None,
                     affinity: str | None = None, affinity_every: int = 1,
                     lookahead: str = "sgd", lr: float | None = None, strategy: str = "auto",
-                    affinity_chunk_size: int | None = None, jit: bool = True
+                    affinity_chunk_size: int | None = None, affinity_mode: Mode = "all_tasks",
+                    affinity_fn: Callable[..., jax.Array] | None = None, jit: bool = True
                     ) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
     """Builds the train step ``(state, batch) -> (state, metrics)``.
 
@@ -212,6 +213,12 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
       strategy: how the T lookahead forwards run (see
         :func:`tr_jax.affinity.lookahead_affinity`).
       affinity_chunk_size: tasks per chunk inside the affinity computation.
+      affinity_mode: the per-task losses the affinity compares: ``"all_tasks"`` (every task
+        on every example; T routed forwards per loss) or ``"per_example"`` (each task on the
+        examples routed to it, ``batch["task"]``: one forward per loss, for large T; every
+        task must appear in the batch).
+      affinity_fn: replaces ``AFFINITIES[affinity]`` (same signature), e.g.
+        :func:`tr_jax.affinity.sharded.task_parallel` to split the tasks over devices.
       jit: return a ``jax.jit``-compiled step (state donated).
 
     Returns:
@@ -233,6 +240,9 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
                              f"normalizes Z; got lr={lr}.")
         if int(affinity_every) < 1:
             raise ValueError(f"affinity_every={affinity_every} must be >= 1.")
+        if affinity_mode not in ("all_tasks", "per_example"):
+            raise ValueError(f"affinity_mode={affinity_mode!r} must be 'all_tasks' or "
+                             "'per_example'.")
 
     def loss_fn(params, state, batch):
         variables = {**state.variables, "params": params}
@@ -244,16 +254,20 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
         shared, rest = affinity_lib.split_params(state.params, SHARED)
         others = {k: v for k, v in state.variables.items() if k != "params"}
 
+        # The non-parameter variables travel in `rest` rather than in a closure: the
+        # task-parallel affinity (tr_jax.affinity.sharded) cannot index closed-over arrays.
         def task_losses(shared, rest, batch):
-            variables = {**others, "params": affinity_lib.merge_params(shared, rest)}
-            return model_losses(model, variables, batch, "all_tasks", train=True,
+            params_rest, others = rest
+            variables = {**others, "params": affinity_lib.merge_params(shared, params_rest)}
+            return model_losses(model, variables, batch, affinity_mode, train=True,
                                 chunk_size=chunk_size)[1]
 
         update_fn = (affinity_lib.optax_lookahead(optimizer, state.opt_state, shared, rest)
                      if lookahead == "optimizer" else None)
-        z = AFFINITIES[affinity](task_losses, shared, rest, batch, lr=lr, update_fn=update_fn,
-                                 key=jax.random.fold_in(state.rng, state.step),
-                                 strategy=strategy, chunk_size=affinity_chunk_size)
+        fn = affinity_fn or AFFINITIES[affinity]
+        z = fn(task_losses, shared, (rest, others), batch, lr=lr, update_fn=update_fn,
+               key=jax.random.fold_in(state.rng, state.step), strategy=strategy,
+               chunk_size=affinity_chunk_size)
         return z.astype(jnp.float32)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
