@@ -96,9 +96,25 @@ def test_train_step_traces_once_without_implicit_transfers(runs, mesh):
     assert int(runs["cases"][f"{mesh}/traces"]) == 1
 
 
-@pytest.mark.parametrize("variant,mesh", [("sgd_vmap", m) for m in MESHES] + [
+@pytest.mark.parametrize("affinity_mode,mesh", [("all_tasks", "8x1"), ("all_tasks", "4x2"),
+                                                ("per_example", "2x4"),
+                                                ("per_example", "1x8")])
+def test_train_step_affinity_equals_single_device(runs, affinity_mode, mesh):
+    # make_train_step(affinity="lookahead", lookahead="optimizer") on one device vs
+    # shard_train_step (task-parallel affinity): the mean affinity after two measured steps.
+    c = runs["cases"]
+    ref = c[f"train_aff/{affinity_mode}/ref"]
+    assert ref.shape == (8, 8) and np.all(np.isfinite(ref)) and np.abs(ref).max() > 1e-2
+    np.testing.assert_allclose(c[f"train_aff/{affinity_mode}/{mesh}"], ref, rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(c[f"train_aff/{affinity_mode}/{mesh}/params"],
+                               c[f"train_aff/{affinity_mode}/ref_params"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant,mesh", [
     ("sgd_chunked", "2x4"), ("sgd_given_grads", "1x8"), ("opt_unrolled", "4x2")])
 def test_task_parallel_affinity_equals_unsharded(runs, variant, mesh):
+    # T = 6 tasks: the 4- and 8-device task axes get padded blocks.
     c = runs["cases"]
     ref = c["aff/opt/ref"] if variant.startswith("opt") else c["aff/sgd/ref"]
     assert ref.shape == (6, 6) and np.all(np.isfinite(ref)) and np.abs(ref).max() > 1e-2
@@ -108,8 +124,9 @@ def test_task_parallel_affinity_equals_unsharded(runs, variant, mesh):
 
 def test_bad_shapes_raise_errors_naming_the_sizes(runs):
     errors = runs["meta"]["errors"]
-    assert "data=3, task=2" in errors["mesh_product"] and "there are 8" in errors["mesh_product"]
+    assert "(data=2, task=2) needs 4 devices, but there are 8" in errors["mesh_product"]
     assert "task axis size 3" in errors["mesh_task"] and "8 devices" in errors["mesh_task"]
+    assert "at most one left open" in errors["mesh_open"]
     assert "global batch 10" in errors["batch"] and "data axis size 4" in errors["batch"]
     assert "size 6" in errors["heads"] and "'task' axis size 4" in errors["heads"]
 
@@ -165,7 +182,9 @@ def test_rules_split_heads_masks_and_their_optimizer_moments():
 def test_mesh_and_batch_helpers_on_one_device():
     mesh = sharding.make_mesh()
     assert dict(mesh.shape) == {"data": 1, "task": 1}
-    with pytest.raises(ValueError, match=r"mesh \(data=2, task=1\) needs 2 devices"):
+    assert dict(sharding.mesh_from_config({"mesh": {"data": 1, "task": 0}}).shape) == {
+        "data": 1, "task": 1}
+    with pytest.raises(ValueError, match=r"data axis size 2 does not divide the 1 devices"):
         sharding.make_mesh(2)
     with pytest.raises(ValueError, match="unknown axes"):
         sharding.mesh_from_config({"mesh": {"model": 2}})
@@ -173,7 +192,8 @@ def test_mesh_and_batch_helpers_on_one_device():
     batch = {"image": np.arange(12.0).reshape(6, 2), "task": np.int32(3)}
     assert sharding.host_local_batch(batch, mesh)["image"].shape == (6, 2)
     placed = sharding.shard_batch(batch, mesh)
-    assert placed["task"].sharding.spec == jax.P() and placed["image"].sharding.spec == jax.P("data")
+    assert placed["task"].sharding.spec == jax.P()
+    assert placed["image"].sharding.spec == jax.P("data")
     assert sharding.shard_batch(placed, mesh)["image"] is placed["image"]  # no re-placement
 
 

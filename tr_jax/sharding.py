@@ -34,6 +34,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from tr_jax import train
+from tr_jax.affinity import sharded as sharded_affinity
 from tr_jax.models import MultiTaskModel
 
 P = jax.P
@@ -126,30 +127,33 @@ def _env_int(name: str) -> int | None:
 
 # ----------------------------------------------------------------------------------- the mesh
 
-def make_mesh(data: int | None = None, task: int = 1, *,
+def make_mesh(data: int | None = None, task: int | None = 1, *,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``("data", "task")`` mesh over all devices (or ``devices``), of every process.
 
     Args:
-      data: size of the data axis; None or 0: all devices not used by the task axis.
-      task: size of the task axis.
+      data: size of the data axis; None or 0: the devices the task axis leaves.
+      task: size of the task axis; None or 0: the devices the data axis leaves.
       devices: the devices to use (default ``jax.devices()``, all processes).
 
     Returns:
       A :class:`jax.sharding.Mesh` with axes ``("data", "task")`` of type ``Auto``.
 
     Raises:
-      ValueError: the sizes are not positive or ``data * task`` is not the device count.
+      ValueError: negative sizes, both sizes left open, a given size that does not divide
+        the device count, or ``data * task`` different from the device count.
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    if task < 1 or (data is not None and data < 0):
-        raise ValueError(f"mesh sizes must be positive, got data={data}, task={task}.")
-    if not data:
-        if n % task:
-            raise ValueError(f"the task axis size {task} does not divide the {n} devices; "
-                             f"use a task size in {_divisors(n)}.")
-        data = n // task
+    sizes = {DATA: data or 0, TASK: task or 0}
+    if min(sizes.values()) < 0 or not any(sizes.values()):
+        raise ValueError(f"mesh sizes must be positive with at most one left open (0/None), "
+                         f"got data={data}, task={task}.")
+    for axis, size in sizes.items():
+        if size and n % size:
+            raise ValueError(f"the {axis} axis size {size} does not divide the {n} devices; "
+                             f"use a size in {_divisors(n)}.")
+    data, task = (sizes[DATA] or n // sizes[TASK]), (sizes[TASK] or n // sizes[DATA])
     if data * task != n:
         raise ValueError(f"mesh (data={data}, task={task}) needs {data * task} devices, but "
                          f"there are {n}; data * task must equal the device count (pass "
@@ -157,13 +161,16 @@ def make_mesh(data: int | None = None, task: int = 1, *,
     return jax.make_mesh((data, task), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
-def mesh_from_config(config: Mapping[str, Any]) -> Mesh:
-    """The mesh of ``config.mesh = {"data": int (0: rest), "task": int}`` (default: all data)."""
-    spec = dict(config.get("mesh", None) or {})
+def mesh_from_config(config: Mapping[str, Any], field: str = "mesh") -> Mesh:
+    """The mesh of ``config[field] = {"data": int, "task": int}`` (0: the remaining devices).
+
+    A missing field gives the all-data mesh.
+    """
+    spec = dict(config.get(field, None) or {})
     unknown = set(spec) - set(AXES)
     if unknown:
-        raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; use {AXES}.")
-    return make_mesh(spec.get(DATA) or None, spec.get(TASK) or 1)
+        raise ValueError(f"config.{field} has unknown axes {sorted(unknown)}; use {AXES}.")
+    return make_mesh(spec.get(DATA, 0), spec.get(TASK, 1))
 
 
 def _divisors(n: int) -> list[int]:
@@ -376,7 +383,8 @@ class ShardedStep:
 
 def shard_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformation,
                      mesh: Mesh, state: train.TrainState, *, rules: Rules = PARAM_RULES,
-                     max_traces: int | None = None, **step_kwargs) -> ShardedStep:
+                     task_parallel: bool = True, max_traces: int | None = None,
+                     **step_kwargs) -> ShardedStep:
     """:func:`tr_jax.train.make_train_step` jitted over the mesh, state donated.
 
     Args:
@@ -384,13 +392,17 @@ def shard_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformat
       mesh: a ``("data", "task")`` mesh (:func:`make_mesh`).
       state: the (sharded or abstract) train state; only its structure and shapes are used.
       rules: state sharding rules.
+      task_parallel: with ``affinity="lookahead"``, split the affinity's source tasks over
+        the mesh's ``"task"`` axis (:func:`tr_jax.affinity.sharded.task_parallel`).
       max_traces: if set, a retrace beyond this many raises (catches recompiles).
-      **step_kwargs: passed to ``make_train_step`` (``mode``, ``chunk_size``, ...).
+      **step_kwargs: passed to ``make_train_step`` (``mode``, ``chunk_size``, ``affinity``...).
 
     Returns:
       ``step(state, batch) -> (state, metrics)``; metrics replicated; the batch may be numpy
       (this process's rows) or already placed by :func:`shard_batch`.
     """
+    if task_parallel and step_kwargs.get("affinity") == "lookahead":
+        step_kwargs.setdefault("affinity_fn", sharded_affinity.task_parallel(mesh, TASK))
     step = train.make_train_step(model, optimizer, jit=False, **step_kwargs)
     return ShardedStep(step, mesh, state, rules, True, max_traces)
 

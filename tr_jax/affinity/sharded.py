@@ -36,7 +36,9 @@ def sharded_lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, ba
     """:func:`tr_jax.affinity.lookahead_affinity` with source tasks split over ``axis``.
 
     Same arguments and result as ``lookahead_affinity`` (jittable; call it inside the jitted
-    train step), plus:
+    train step), plus the restriction that ``loss_fn`` must get the arrays it indexes (e.g.
+    routing masks gathered per example) through ``rest``, not from a closure, when they are
+    sharded on the mesh (a JAX restriction of ``shard_map``); and:
 
     Args:
       mesh: the device mesh (:func:`tr_jax.sharding.make_mesh`).
@@ -65,32 +67,56 @@ def sharded_lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, ba
         sources = jax.tree.map(lambda g: _pad_rows(g, n), grads)
     block = math.ceil(num_tasks / n)
     concrete, chunk = resolve_strategy(strategy, block, chunk_size)
-    lookahead = functools.partial(lookahead_losses, loss_fn, update_fn=update_fn or sgd_update(lr),
-                                  strategy=concrete, chunk_size=chunk)
+    lookahead = functools.partial(lookahead_losses, loss_fn,
+                                  update_fn=update_fn or sgd_update(lr), strategy=concrete,
+                                  chunk_size=chunk)
 
-    def rows(shared, rest, batch, sources):
-        # Every device differentiates its own copy of the forward: mark θ_s as varying over
-        # the task axis so that the pullback accepts this device's cotangent rows.
-        shared = jax.tree.map(lambda a: jax.lax.pcast(a, axis, to="varying"), shared)
+    def rows(sources, shared, rest, batch):
         if losses_and_grads is not None:
             return lookahead(shared, rest, batch, sources)
         losses, pullback = jax.vjp(lambda s: loss_fn(s, rest, batch), shared)
         (grads,) = map_tasks(pullback, sources.astype(losses.dtype),
                              "chunked" if concrete == "chunked" else "vmap", chunk)
-        return losses[None], lookahead(shared, rest, batch, grads)
+        return losses, lookahead(shared, rest, batch, grads)
 
+    # check_vma=False: the body is purely local (no collectives); each device differentiates
+    # its own copy of the forward against its own cotangent rows, which the varying-axis type
+    # check would otherwise reject (replicated primal output, task-varying cotangent).
     given = losses_and_grads is not None
-    out = jax.shard_map(rows, mesh=mesh, in_specs=(P(), P(), P(), P(axis)),
-                        out_specs=P(axis) if given else (P(axis), P(axis)),
-                        axis_names={axis})(shared, rest, batch, sources)
-    losses, after = (losses_and_grads[0], out) if given else (out[0][0], out[1])
+    try:
+        out = jax.shard_map(rows, mesh=mesh, in_specs=(P(axis), P(), P(), P()),
+                            out_specs=P(axis) if given else (P(), P(axis)), axis_names={axis},
+                            check_vma=False)(sources, shared, rest, batch)
+    except ValueError as e:
+        if "Context mesh" not in str(e):
+            raise
+        raise ValueError(
+            "loss_fn indexes an array sharded on the mesh that it closes over, which JAX does "
+            "not allow inside the task-parallel shard_map: pass such arrays (routing masks, "
+            "BatchNorm statistics) to loss_fn through `rest` instead.") from e
+    losses, after = (losses_and_grads[0], out) if given else out
     z = affinity_from_losses(losses, after[:num_tasks], lr)
     return jax.lax.with_sharding_constraint(z, NamedSharding(mesh, P()))
 
 
 def task_parallel(mesh: Mesh, axis: str = "task"):
-    """``lookahead_affinity``-compatible function running on ``mesh`` (to pass as a hook)."""
-    return functools.partial(sharded_lookahead_affinity, mesh=mesh, axis=axis)
+    """TAG lookahead with source tasks split over ``axis``, as a train-step affinity function.
+
+    Returns ``fn(loss_fn, shared, rest, batch, *, lr, update_fn=None, key=None,
+    strategy="auto", chunk_size=None) -> (T, T)`` (the signature of
+    ``tr_jax.train.AFFINITIES``; ``key`` is unused): pass it as
+    ``make_train_step(..., affinity="lookahead", affinity_fn=task_parallel(mesh))``.
+    """
+
+    def affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch, *, lr: float,
+                 update_fn: UpdateFn | None = None, key=None, strategy: Strategy = "auto",
+                 chunk_size: int | None = None) -> jax.Array:
+        del key
+        return sharded_lookahead_affinity(loss_fn, shared, rest, batch, lr=lr, mesh=mesh,
+                                          update_fn=update_fn, strategy=strategy,
+                                          chunk_size=chunk_size, axis=axis)
+
+    return affinity
 
 
 def _pad_rows(x: jax.Array, n: int) -> jax.Array:
