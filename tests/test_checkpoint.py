@@ -22,6 +22,15 @@ DIGITS = str(REPO / "experiments" / "configs" / "digits.py")
 EPOCHS, STOP_AT = 3, 13  # the loop tests: 3 epochs of 10 steps, stopped mid-epoch 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fast_prng_compiles():
+    """The non-partitionable threefry: XLA:CPU compiles each random draw of the default
+    (partitionable) one in ~2 s, ~8x slower, and model inits draw one per kernel shape. What
+    these tests check does not depend on which random stream is used."""
+    with jax.threefry_partitionable(False):
+        yield
+
+
 def tiny_batch(num_tasks=3, b=8):
     x = np.random.default_rng(0).normal(size=(b, 8, 8, 1)).astype(np.float32)
     return {"image": x, "labels": (x[:, :num_tasks, 0, 0] > 0).astype(np.int32),
@@ -173,8 +182,12 @@ def tiny_digits_config(**changes):
     config = cli.load_config(DIGITS, [])
     with config.unlocked():
         config.update({"num_epochs": EPOCHS, "batch_size": 128, "model_kwargs": {"widths": (4, 8)},
+                       "tasks": ("is_0", "is_1", "even", "ge_5"),
                        "checkpoint_every_steps": 4, "keep_checkpoints": 2,
-                       "log_every_steps": 1, "progress": False, **changes})
+                       "log_every_steps": 1, "progress": False,
+                       # TAG affinity every 3rd step: checkpoints land between measurements.
+                       "affinity": "lookahead", "affinity_every": 3, "lookahead": "optimizer",
+                       **changes})
     return config
 
 
@@ -184,10 +197,13 @@ def digits_target():
     config = tiny_digits_config()
     dataset = experiment.build_dataset(config)
     model = experiment.build_model(config, dataset.num_tasks)
-    opt = experiment.build_optimizer(config, dataset.steps_per_epoch("train", config.batch_size))
+    steps_per_epoch = dataset.steps_per_epoch("train", config.batch_size)
+    opt = experiment.build_optimizer(config, steps_per_epoch)
     state = train.create_train_state(model, opt, jax.random.key(config.seed),
                                      next(dataset.batches("train", config.batch_size)))
-    return state, checkpoint.fingerprint(model, state, dataset.task_names)
+    return state, checkpoint.fingerprint(model, state, dataset.task_names, seed=config.seed,
+                                         batch_size=config.batch_size,
+                                         steps_per_epoch=steps_per_epoch)
 
 
 def final_state(workdir):
@@ -224,11 +240,16 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(straight, tmp_path
 
     result = experiment.train_and_evaluate(tiny_digits_config(), str(tmp_path), resume=True)
     want_result, want = straight
-    assert result == want_result
+    assert result == want_result and np.isfinite(result["affinity"]).all()
     got = final_state(tmp_path)
     assert got.step == want.step == EPOCHS * 10
+    assert int(got.state.affinity_count) == EPOCHS * 10 // 3
     assert got.position == checkpoint.Position(EPOCHS, 0)
     assert_bitwise_equal(got.state, want.state)
+    # The saved data position means nothing with another batch size: refused by name.
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="run.batch_size"):
+        experiment.train_and_evaluate(tiny_digits_config(batch_size=64), str(tmp_path),
+                                      resume=True)
 
 
 def test_resume_needs_checkpointing_on(tmp_path):
@@ -253,7 +274,7 @@ def test_a_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch)
 
     monkeypatch.setattr(train, "make_train_step", non_finite_at_step_10)
     with pytest.raises(FloatingPointError, match="step 10"):
-        experiment.train_and_evaluate(tiny_digits_config(), str(tmp_path))
+        experiment.train_and_evaluate(tiny_digits_config(affinity=None), str(tmp_path))
     restored = final_state(tmp_path)
     assert restored.step == 8  # saved every 4 steps; nothing after the failure
 
@@ -279,7 +300,8 @@ def test_sigterm_to_the_cli_saves_and_resume_finishes_the_run(straight, tmp_path
     workdir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", CHILD, "train", "--config",
                              str(config_file), "--workdir", str(workdir)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_THREEFRY_PARTITIONABLE": "0"})
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):

@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from tr_jax import checkpoint, cli, experiment
 from tr_jax.data import celeba
+from test_checkpoint import fast_prng_compiles  # noqa: F401 -- module-wide, autouse
 from test_data_cub import write_cub_tree  # the data tests' fabricated CUB_200_2011/ tree
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
@@ -74,6 +75,9 @@ def test_baseline_variants_and_overrides():
     groups = tag.group_overrides([(0, 4, 5), (1, 2)])
     assert groups[0]["tasks"] == ("5_o_Clock_Shadow", "Goatee", "Mustache")
     assert groups[1]["tasks"] == ("Black_Hair", "Blond_Hair")
+    config = tag.get_config()
+    config.update(groups[1])
+    assert config.affinity is None and config.tasks == ("Black_Hair", "Blond_Hair")
 
 
 def test_celeba_config_has_the_official_hyper_parameters():
@@ -83,6 +87,7 @@ def test_celeba_config_has_the_official_hyper_parameters():
     assert (c.optimizer, c.learning_rate, c.momentum, c.batch_size) == ("sgd", 5e-4, 0.9, 256)
     assert (c.lr_decay_epochs, c.lr_decay, c.num_epochs, c.early_stop_patience) == (15, 0.5,
                                                                                      100, 10)
+    assert (c.affinity, c.affinity_every, c.lookahead) == ("lookahead", 1, "optimizer")
 
 
 def sync_saves(monkeypatch):
@@ -107,6 +112,8 @@ def test_celeba_runlocal_trains_with_early_stopping(celeba_run):
     config, workdir, result, records = celeba_run
     assert result["task_names"] == list(celeba.TAG_TASKS)
     assert 0.0 <= result["mean_accuracy"] <= 1.0
+    affinity = np.load(workdir / "affinity.npy")  # measured every 2nd step, averaged
+    assert affinity.shape == (9, 9) and np.isfinite(affinity).all()
     # Replay the early-stopping rule on the logged validation accuracies.
     errors = [1 - r["val_mean_accuracy"] for r in records if "val_mean_accuracy" in r]
     best, bad, epochs = None, 0, 0

@@ -45,7 +45,7 @@ CORRUPT_SUFFIX = ".corrupt"
 
 
 class CheckpointMismatchError(ValueError):
-    """The checkpoint was written by a different model or task set than the one restoring."""
+    """The checkpoint was written by a different model, task set or data setup."""
 
 
 class CheckpointCorruptedError(RuntimeError):
@@ -119,7 +119,7 @@ def _json_value(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def fingerprint(model: Any, state: Any, task_names: tuple[str, ...] = ()) -> dict:
+def fingerprint(model: Any, state: Any, task_names: tuple[str, ...] = (), **run: Any) -> dict:
     """What a checkpoint must match to be restored into ``model``/``state``.
 
     Args:
@@ -128,6 +128,8 @@ def fingerprint(model: Any, state: Any, task_names: tuple[str, ...] = ()) -> dic
       state: the train state; the shape and dtype of every leaf are recorded (this covers the
         routing mask shapes (T, C), the head, the optimizer state and the affinity sum).
       task_names: the dataset's task names, in label-column order.
+      **run: other settings a resumed run must share, e.g. ``batch_size``, ``seed`` and
+        ``steps_per_epoch`` (they give the saved data position its meaning).
 
     Returns:
       A JSON-ready dict.
@@ -137,12 +139,12 @@ def fingerprint(model: Any, state: Any, task_names: tuple[str, ...] = ()) -> dic
     leaves = jax.tree_util.tree_flatten_with_path(flax.serialization.to_state_dict(state))[0]
     shapes = {jax.tree_util.keystr(path): f"{x.dtype}{list(x.shape)}" for path, x in leaves}
     return _json_value({"model": type(model).__name__, "model_fields": fields,
-                        "task_names": list(task_names), "state": shapes})
+                        "task_names": list(task_names), "run": run, "state": shapes})
 
 
 def _differences(saved: Mapping, current: Mapping, limit: int = 6) -> list[str]:
     out = []
-    for group in ("model", "model_fields", "task_names", "state"):
+    for group in ("model", "model_fields", "task_names", "run", "state"):
         a, b = saved.get(group), current.get(group)
         if a == b:
             continue
@@ -396,7 +398,7 @@ class Checkpointer:
         if differences:
             raise CheckpointMismatchError(
                 f"the checkpoint {self.directory} (step {step}) was written by a different "
-                "model or task set, so it is not loaded:\n  " + "\n  ".join(differences)
+                "model, task set or data setup, so it is not loaded:\n  " + "\n  ".join(differences)
                 + "\nRun with the checkpoint's config, or use a fresh workdir.")
 
     def _restore_state(self, step: int, target: Any, meta: Mapping) -> Any:

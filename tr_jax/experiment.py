@@ -170,7 +170,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                        **affinity_options(config))
     eval_step = train.make_eval_step(model, chunk_size=config.get("chunk_size") or None)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   checkpoint.fingerprint(model, state, dataset.task_names),
+                                   checkpoint.fingerprint(
+                                       model, state, dataset.task_names, seed=config.seed,
+                                       batch_size=config.batch_size,
+                                       steps_per_epoch=steps_per_epoch),
                                    every_steps=config.get("checkpoint_every_steps", 0),
                                    keep=config.get("keep_checkpoints", 3), config=config)
     state, position, loop, _ = ckpt.start(state, resume)

@@ -4,15 +4,18 @@ The small ResNet of the official code (unrouted: sharing=None), one Dense(2) hea
 summed softmax cross-entropy over all 9 tasks on every example, 64x64 images, SGD lr 5e-4
 momentum 0.9, batch 256, lr halved every 15 epochs, up to 100 epochs, early stopping after 10
 epochs without a lower validation error (1 - mean accuracy over tasks on the validation split).
+The lookahead affinity Z[i, j] is measured at every step with the optimizer's own update (SGD
+momentum, as in the official CelebA code); the run writes its mean as affinity.npy/.json.
 
-Prepare celeb_a once with TFDS on a machine with internet (tfds build celeb_a --data_dir DIR).
+Prepare celeb_a once on a machine with internet:
+  python -c "from tr_jax.data.celeba import prepare_celeba; prepare_celeba('DIR')"
 Launch:
   python -m tr_jax train --config experiments/configs/celeba_tag.py --workdir runs/tag_all \
       --config.data_dir=DIR
   python -m tr_jax train --config experiments/configs/celeba_tag.py:runlocal --workdir /tmp/t
-Add --resume to continue a stopped run. After grouping (tr_jax.grouping.select_groups), train
-one network per group with ``group_overrides(groups)``: for each, config.update(overrides)
-and tr_jax.experiment.train_and_evaluate(config, workdir).
+Add --resume to continue a stopped run. After grouping the affinity (tr_jax.grouping.select_groups),
+train one network per group, without affinity, with ``group_overrides(groups)``: for each,
+config.update(overrides) and tr_jax.experiment.train_and_evaluate(config, workdir).
 """
 import ml_collections
 from ml_collections import config_dict
@@ -50,6 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lr_decay_epochs = 15       # halve the learning rate every 15 epochs
     c.lr_decay = 0.5             # decay factor
     c.early_stop_patience = 10   # epochs without validation improvement before stopping
+    c.affinity = "lookahead"     # TAG lookahead affinity (None: off; cosine|taylor|sketch)
+    c.affinity_every = 1         # measure at every step, as the official CelebA code
+    c.lookahead = "optimizer"    # Δ_i = the optimizer's own step (SGD momentum) | "sgd": lr g_i
+    c.strategy = "auto"          # how the T lookahead forwards run (vmap|unrolled|chunked|auto)
     c.chunk_size = 0             # tasks per vmapped chunk (0: all 9 at once)
     c.eval_batch_size = 512      # validation/test batch size
     c.log_every_steps = 100      # metrics.jsonl / TensorBoard cadence
@@ -62,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.batch_size = 4
         c.num_epochs = 3
         c.early_stop_patience = 1
+        c.affinity_every = 2
         c.eval_batch_size = 8
         c.log_every_steps = 1
         c.checkpoint_every_steps = 2
@@ -70,5 +78,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def group_overrides(groups) -> list[dict]:
-    """One override per task group (tuples of indices into ``TAG_TASKS``): its network's tasks."""
-    return [{"tasks": tuple(TAG_TASKS[i] for i in group)} for group in groups]
+    """One override per task group (tuples of indices into ``TAG_TASKS``): its network's tasks,
+    affinity off."""
+    return [{"tasks": tuple(TAG_TASKS[i] for i in group), "affinity": None} for group in groups]
