@@ -93,9 +93,9 @@ def train_a_few_steps(tx, loss_fn, params, extra, batch, steps=3):
     gradients of every step (for hand-written optimizer references)."""
     state = tx.init(params)
     history = []
+    grad = jax.jit(jax.grad(lambda p, b: loss_fn(*shared_rest(p, extra), b).sum()))
     for k in range(steps):
-        b = dict(batch, labels=jnp.roll(batch["labels"], k, axis=0))
-        grads = jax.grad(lambda p: loss_fn(*shared_rest(p, extra), b).sum())(params)
+        grads = grad(params, dict(batch, labels=jnp.roll(batch["labels"], k, axis=0)))
         history.append(split_params(grads, ("encoder",))[0])
         updates, state = tx.update(grads, state, params)
         params = optax.apply_updates(params, updates)
@@ -109,16 +109,16 @@ def test_per_task_grads_match_one_grad_per_task(x64, kind):
     loss_fn, params, extra, batch = make_problem(kind)
     shared, rest = shared_rest(params, extra)
     losses, grads = jax.jit(per_task_grads, static_argnums=0)(loss_fn, shared, rest, batch)
-    _, chunked = jax.jit(lambda s, r, b: per_task_grads(loss_fn, s, r, b, chunk_size=2))(
+    _, vmapped = jax.jit(lambda s, r, b: per_task_grads(loss_fn, s, r, b, strategy="vmap"))(
         shared, rest, batch)
     assert_close(losses, jax.jit(loss_fn)(shared, rest, batch))
     grad_one = jax.jit(lambda s, i: jax.grad(lambda s: loss_fn(s, rest, batch)[i])(s))
     for i in range(3):
         ref = grad_one(shared, i)
-        for g, c, r in zip(jax.tree.leaves(grads), jax.tree.leaves(chunked), jax.tree.leaves(ref)):
+        for g, v, r in zip(jax.tree.leaves(grads), jax.tree.leaves(vmapped), jax.tree.leaves(ref)):
             assert g.shape == (3, *r.shape)
             assert_close(g[i], r, atol=1e-12)
-            assert_close(c[i], r, atol=1e-12)
+            assert_close(v[i], r, atol=1e-12)
 
 
 def test_split_and_merge_params_round_trip():
@@ -150,10 +150,11 @@ def test_sgd_lookahead_matches_python_loop_for_every_strategy(x64, kind):
     if kind == "mlp":
         cases += [("chunked", 1), ("auto", None)]
     for strategy, chunk in cases:
-        fn = lambda s, r, b: lookahead_affinity(loss_fn, s, r, b, lr=LR, strategy=strategy,  # noqa: E731,B023
-                                                chunk_size=chunk)
-        assert_close(jax.jit(fn)(shared, rest, batch), ref)
-    assert_close(fn(shared, rest, batch), ref)     # eager == jitted (last strategy)
+        def affinity(s, r, b, strategy=strategy, chunk=chunk):
+            return lookahead_affinity(loss_fn, s, r, b, lr=LR, strategy=strategy, chunk_size=chunk)
+        assert_close(jax.jit(affinity)(shared, rest, batch), ref)
+    if kind == "mlp":
+        assert_close(affinity(shared, rest, batch), ref)     # eager == jitted
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -253,9 +254,13 @@ def test_orientation_source_row_target_column(x64):
 
 
 def test_strategy_resolution_is_documented_and_validated():
+    assert jax.default_backend() == "cpu"
     assert resolve_strategy("vmap", 9, None) == ("vmap", None)
-    concrete, chunk = resolve_strategy("auto", 312, None)
-    assert concrete == "chunked" and chunk >= 1
+    assert resolve_strategy("vmap", 9, None, backward=True) == ("vmap", None)
+    assert resolve_strategy("auto", 312, None) == ("chunked", 1)       # forwards: a loop
+    assert resolve_strategy("auto", 9, 4) == ("chunked", 4)
+    for strategy in ("auto", "chunked"):                               # CPU backward: unrolled
+        assert resolve_strategy(strategy, 312, 8, backward=True) == ("unrolled", None)
     with pytest.raises(ValueError, match="strategy must be one of"):
         resolve_strategy("loop", 9, None)
     with pytest.raises(ValueError, match="chunk_size"):
@@ -342,8 +347,7 @@ def test_lookahead_matches_tensorflow_anchor(x64):
     batch = {"image": x, "labels": y}
     shared, head, batch = jax.tree.map(jnp.asarray, (shared, head, batch))
     assert_close(loss_fn(shared, head, batch), ref["loss_float64"], rtol=1e-12, atol=0)
-    z = jax.jit(lambda s, r, b: lookahead_affinity(loss_fn, s, r, b, lr=5e-4,
-                                                   strategy="chunked", chunk_size=1))(
+    z = jax.jit(lambda s, r, b: lookahead_affinity(loss_fn, s, r, b, lr=5e-4))(
         shared, head, batch)
     assert np.abs(ref["z_float64"]).max() > 1.0
     assert_close(z, ref["z_float64"], rtol=1e-7, atol=1e-7)

@@ -13,27 +13,21 @@ batch, as the official lookahead does.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from tr_jax.affinity.per_task import (LossFn, PyTree, assert_task_axis, check_chunk_size,
-                                      check_losses, check_shared, map_tasks, merge_params,
-                                      per_task_grads, select_like)
+from tr_jax.affinity.per_task import (LossFn, PyTree, assert_task_axis, check_losses,
+                                      check_shared, merge_params, per_task_grads, select_like)
+from tr_jax.affinity.strategy import Strategy, map_tasks, resolve_strategy
 
-Strategy = Literal["auto", "vmap", "unrolled", "chunked"]
+__all__ = ["Strategy", "UpdateFn", "affinity_from_losses", "check_lr", "lookahead_affinity",
+           "lookahead_losses", "optax_lookahead", "resolve_strategy", "sgd_update",
+           "strategy_grads"]
+
 UpdateFn = Callable[[PyTree], PyTree]
-STRATEGIES = ("auto", "vmap", "unrolled", "chunked")
-
-# "auto" on CPU: unroll the T lookahead forwards up to this many tasks (vmapped per-task conv
-# kernels become grouped convolutions, measured ~2x slower on XLA:CPU), beyond it run chunks of
-# AUTO_CPU_CHUNK in a loop so that compile time and memory stay bounded.
-AUTO_CPU_UNROLL_MAX = 40
-AUTO_CPU_CHUNK = 1
-# "auto" on accelerators: vmap all tasks up to this many, else vmapped chunks of this size.
-AUTO_ACCEL_VMAP_MAX = 64
 
 
 def check_lr(lr: Any) -> None:
@@ -89,35 +83,12 @@ def optax_lookahead(tx: optax.GradientTransformation, opt_state: optax.OptState,
     return update_fn
 
 
-def resolve_strategy(strategy: str, num_tasks: int, chunk_size: int | None
-                     ) -> tuple[str, int | None]:
-    """The concrete (strategy, chunk_size) that ``strategy="auto"`` picks on this backend.
-
-    On CPU: ``"unrolled"`` up to ``AUTO_CPU_UNROLL_MAX`` tasks, else ``"chunked"``. On GPU/TPU:
-    ``"vmap"`` up to ``AUTO_ACCEL_VMAP_MAX`` tasks, else ``"chunked"`` by that many.
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
-    check_chunk_size(chunk_size)
-    if strategy != "auto":
-        return strategy, chunk_size
-    if jax.default_backend() == "cpu":
-        if num_tasks <= AUTO_CPU_UNROLL_MAX and chunk_size is None:
-            return "unrolled", None
-        return "chunked", chunk_size or AUTO_CPU_CHUNK
-    if num_tasks <= AUTO_ACCEL_VMAP_MAX and chunk_size is None:
-        return "vmap", None
-    return "chunked", chunk_size or AUTO_ACCEL_VMAP_MAX
-
-
 def strategy_grads(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any,
                    strategy: Strategy = "auto", chunk_size: int | None = None
                    ) -> tuple[jax.Array, PyTree]:
-    """:func:`per_task_grads`, chunked over tasks when ``strategy`` resolves to ``"chunked"``."""
-    num_tasks = check_losses(jax.eval_shape(loss_fn, shared, rest, batch))
-    concrete, chunk = resolve_strategy(strategy, num_tasks, chunk_size)
-    return per_task_grads(loss_fn, shared, rest, batch,
-                          chunk_size=chunk if concrete == "chunked" else None)
+    """:func:`per_task_grads` run by the same ``strategy`` / ``chunk_size`` as the forwards
+    (resolved for backward passes: see :func:`resolve_strategy`)."""
+    return per_task_grads(loss_fn, shared, rest, batch, strategy=strategy, chunk_size=chunk_size)
 
 
 def lookahead_losses(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any,
@@ -159,8 +130,9 @@ def lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any
     """TAG lookahead affinity of every task onto every task, on one batch.
 
     Pure and jittable (``loss_fn``, ``update_fn``, ``strategy`` and ``chunk_size`` static):
-    one forward and T backward passes (vmapped VJP, :func:`per_task_grads`), then T lookahead
-    forwards of ``loss_fn`` at θ_s - Δ_i.
+    one forward and T backward passes (the VJP of the loss vector pulled back with one-hot
+    cotangents, :func:`per_task_grads`), then T lookahead forwards of ``loss_fn`` at
+    θ_s - Δ_i.
 
     Args:
       loss_fn: ``loss_fn(shared, rest, batch) -> (T,)`` per-task losses (pure: see the module
@@ -172,12 +144,14 @@ def lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any
       update_fn: ``g_i -> Δ_i``, the step **subtracted** from θ_s for task i's shared
         gradient g_i. None: plain SGD, Δ_i = lr * g_i. Use :func:`optax_lookahead` for the
         optimizer's own step (momentum, Adam).
-      strategy: how the T lookahead forwards run -- ``"vmap"`` (batched over source tasks;
-        per-task conv kernels become grouped convolutions), ``"unrolled"`` (a Python loop
-        traced into the jit: T ordinary forwards, compile time grows with T), ``"chunked"``
-        (``jax.lax.map`` with ``batch_size=chunk_size``: vmapped chunks run in a loop;
-        bounded memory; the per-task gradients are chunked the same way) or ``"auto"``
-        (:func:`resolve_strategy`). All give the same numbers.
+      strategy: how the T backward passes and T lookahead forwards run -- ``"vmap"``
+        (batched over source tasks; per-task conv kernels become grouped convolutions),
+        ``"unrolled"`` (a Python loop traced into the jit: compile time grows with T),
+        ``"chunked"`` (``jax.lax.map`` with ``batch_size=chunk_size``: vmapped chunks run in
+        a loop; bounded memory and compile time) or ``"auto"``. See
+        :func:`tr_jax.affinity.strategy.resolve_strategy` for what ``"auto"`` picks (on CPU:
+        backward passes unrolled, forwards in a loop one task at a time). All give the same
+        numbers.
       chunk_size: tasks per chunk for ``"chunked"`` (None: ``"auto"``'s choice or T).
       losses_and_grads: ``(losses, grads)`` from :func:`per_task_grads` when the caller
         already has them (a train step); skips recomputing them.

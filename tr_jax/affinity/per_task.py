@@ -15,6 +15,12 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from tr_jax.affinity.strategy import Strategy, check_chunk_size, map_tasks, resolve_strategy
+
+__all__ = ["LossFn", "PyTree", "assert_task_axis", "check_chunk_size", "check_losses",
+           "check_shared", "map_tasks", "merge_params", "per_task_grads", "select_like",
+           "split_params"]
+
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, Any], jax.Array]
 Path = tuple[str, ...]
@@ -44,69 +50,42 @@ def check_shared(shared: PyTree) -> None:
 
 
 def per_task_grads(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, *,
-                   chunk_size: int | None = None) -> tuple[jax.Array, PyTree]:
+                   strategy: Strategy = "auto", chunk_size: int | None = None
+                   ) -> tuple[jax.Array, PyTree]:
     """Per-task losses and per-task gradients of the shared parameters, one forward pass.
 
     Runs ``loss_fn`` once under :func:`jax.vjp`, then pulls back the T one-hot cotangents
-    e_1 .. e_T, vmapped over tasks: the forward's residuals are shared by all T backward
-    passes. Row i of the result is dL_i/d shared.
+    e_1 .. e_T: the forward's residuals are shared by all T backward passes. Row i of the
+    result is dL_i/d shared.
 
     Args:
-      loss_fn: ``loss_fn(shared, rest, batch) -> (T,)`` per-task losses (no auxiliary
-        outputs: close over or recompute anything else you need).
+      loss_fn: ``loss_fn(shared, rest, batch) -> (T,)`` per-task losses. No auxiliary
+        outputs: close over or recompute anything else you need.
       shared: the shared parameter tree θ_s (at least one array leaf).
       rest: everything else ``loss_fn`` needs (not differentiated).
       batch: the batch, passed through unchanged.
-      chunk_size: pull back at most this many cotangents at once (``jax.lax.map`` with
-        ``batch_size``) to bound memory at large T; None vmaps all T at once.
+      strategy: how the T pullbacks run: ``"vmap"`` (one batched pullback), ``"unrolled"``
+        (T pullbacks traced one after the other), ``"chunked"`` (``jax.lax.map`` over chunks
+        of ``chunk_size`` vmapped pullbacks, bounded memory) or ``"auto"``; see
+        :func:`tr_jax.affinity.strategy.resolve_strategy` with ``backward=True`` (on CPU
+        backward passes always run unrolled unless ``"vmap"`` is asked for).
+      chunk_size: tasks per chunk for ``"chunked"``.
 
     Returns:
       ``(losses, grads)``: losses (T,) and grads, a tree shaped like ``shared`` whose every
       leaf has a leading task axis T.
 
     Raises:
-      ValueError: if ``shared`` is empty, ``loss_fn`` does not return a (T,) float vector, or
-        ``chunk_size`` is not a positive int.
+      ValueError: if ``shared`` is empty, ``loss_fn`` does not return a (T,) float vector,
+        the strategy is unknown or ``chunk_size`` is not a positive int.
     """
     check_shared(shared)
-    check_chunk_size(chunk_size)
     losses, pullback = jax.vjp(lambda s: loss_fn(s, rest, batch), shared)
     num_tasks = check_losses(losses)
+    strategy, chunk_size = resolve_strategy(strategy, num_tasks, chunk_size, backward=True)
     one_hots = jnp.eye(num_tasks, dtype=losses.dtype)
-    (grads,) = map_tasks(pullback, one_hots, "vmap" if chunk_size is None else "chunked",
-                         chunk_size)
+    (grads,) = map_tasks(pullback, one_hots, strategy, chunk_size)
     return losses, grads
-
-
-def check_chunk_size(chunk_size: int | None) -> None:
-    """Raises unless ``chunk_size`` is None or a positive int."""
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
-
-
-def map_tasks(fn: Callable, xs: PyTree, strategy: str, chunk_size: int | None = None):
-    """Applies ``fn`` to every slice along the leading (task) axis of ``xs`` and stacks.
-
-    Args:
-      fn: function of one task's slice.
-      xs: tree whose leaves share a leading axis T.
-      strategy: ``"vmap"`` (one batched call), ``"unrolled"`` (a Python loop: T calls traced
-        one after the other into the same jit) or ``"chunked"`` (``jax.lax.map`` with
-        ``batch_size=chunk_size``: vmap inside chunks, chunks run sequentially in a loop).
-      chunk_size: tasks per chunk for ``"chunked"``.
-
-    Returns:
-      The stacked outputs, leading axis T.
-    """
-    if strategy == "vmap":
-        return jax.vmap(fn)(xs)
-    num = jax.tree.leaves(xs)[0].shape[0]
-    if strategy == "unrolled":
-        outs = [fn(jax.tree.map(lambda a, i=i: a[i], xs)) for i in range(num)]
-        return jax.tree.map(lambda *o: jnp.stack(o), *outs)
-    if strategy == "chunked":
-        return jax.lax.map(fn, xs, batch_size=chunk_size or num)
-    raise ValueError(f"unknown strategy {strategy!r}; use 'vmap', 'unrolled' or 'chunked'.")
 
 
 def _normalize_shared(shared: Callable[[Path], bool] | Collection[str | Path]
