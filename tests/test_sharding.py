@@ -129,6 +129,7 @@ def test_bad_shapes_raise_errors_naming_the_sizes(runs):
     assert "at most one left open" in errors["mesh_open"]
     assert "global batch 10" in errors["batch"] and "data axis size 4" in errors["batch"]
     assert "size 6" in errors["heads"] and "'task' axis size 4" in errors["heads"]
+    assert "through `rest`" in errors["closure"]
 
 
 def test_two_processes_equal_one_process(runs):

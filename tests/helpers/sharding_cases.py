@@ -169,9 +169,19 @@ def train_affinity_case(out):
             out[f"train_aff/{affinity_mode}/{d}x{t}/params"] = flat(state.params)
 
 
+def _closure_affinity(w, masks, mesh):
+    """A loss_fn that indexes a mesh-sharded array it closes over (not allowed)."""
+    def loss_fn(shared, rest, batch):
+        return ((batch @ shared) * masks[jnp.arange(8) % 8]).sum(1)
+
+    return sharded_lookahead_affinity(loss_fn, w, {}, jnp.ones((8, 3)), lr=0.1,
+                                      mesh=mesh)
+
+
 def error_case():
-    """Messages of the errors for bad shapes."""
+    """Messages of the errors for bad shapes (and for a forbidden closure)."""
     errors = {}
+    mesh24 = sharding.make_mesh(2, 4)
     attempts = {
         "mesh_product": lambda: sharding.make_mesh(2, 2),
         "mesh_task": lambda: sharding.make_mesh(task=3),
@@ -180,7 +190,9 @@ def error_case():
                                               sharding.make_mesh(4, 2)),
         "heads": lambda: sharding.tree_shardings(
             {"params": {"head": {"kernel": jax.ShapeDtypeStruct((5, 6, 2), jnp.float32)}}},
-            sharding.make_mesh(2, 4)),
+            mesh24),
+        "closure": lambda: jax.jit(lambda w, m: _closure_affinity(w, m, mesh24))(
+            jnp.eye(3), jax.device_put(jnp.ones((8, 3)), jax.NamedSharding(mesh24, jax.P("task")))),
     }
     for name, fn in attempts.items():
         try:

@@ -44,7 +44,9 @@ def sharded_lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, ba
       mesh: the device mesh (:func:`tr_jax.sharding.make_mesh`).
       axis: the mesh axis that splits the source tasks.
       strategy, chunk_size: how each device runs its block of ceil(T / n) tasks ("auto"
-        decides on the block size).
+        decides on the block size). ``"chunked"`` fuses each chunk's per-task gradients with
+        their lookahead forwards, so at most ``chunk_size`` gradients of ``shared`` are held
+        per device.
       losses_and_grads: precomputed (losses (T,), per-task grads (T, ...)): each device then
         runs only the lookahead forwards of its rows.
 
@@ -68,16 +70,25 @@ def sharded_lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, ba
     block = math.ceil(num_tasks / n)
     concrete, chunk = resolve_strategy(strategy, block, chunk_size)
     lookahead = functools.partial(lookahead_losses, loss_fn,
-                                  update_fn=update_fn or sgd_update(lr), strategy=concrete,
-                                  chunk_size=chunk)
+                                  update_fn=update_fn or sgd_update(lr))
 
     def rows(sources, shared, rest, batch):
         if losses_and_grads is not None:
-            return lookahead(shared, rest, batch, sources)
+            return lookahead(shared, rest, batch, sources, strategy=concrete, chunk_size=chunk)
         losses, pullback = jax.vjp(lambda s: loss_fn(s, rest, batch), shared)
-        (grads,) = map_tasks(pullback, sources.astype(losses.dtype),
-                             "chunked" if concrete == "chunked" else "vmap", chunk)
-        return losses, lookahead(shared, rest, batch, grads)
+        sources = sources.astype(losses.dtype)
+        if concrete != "chunked":
+            (grads,) = jax.vmap(pullback)(sources)
+            return losses, lookahead(shared, rest, batch, grads, strategy=concrete)
+
+        def source_row(one_hot):  # one source task: its gradient, then its lookahead losses
+            (grad,) = pullback(one_hot)
+            grad = jax.tree.map(lambda g: g[None], grad)
+            return lookahead(shared, rest, batch, grad, strategy="vmap")[0]
+
+        # Gradient and lookahead fused per chunk: only `chunk` gradients exist at a time
+        # (not the device's whole block of T / n), which bounds memory for large encoders.
+        return losses, map_tasks(source_row, sources, "chunked", chunk)
 
     # check_vma=False: the body is purely local (no collectives); each device differentiates
     # its own copy of the forward against its own cotangent rows, which the varying-axis type
