@@ -17,6 +17,8 @@ import pytest
 
 from tr_jax import checkpoint, cli, experiment, models, train
 
+# One worker under `pytest -n 2 --dist loadgroup`: the module-scoped runs are made once.
+pytestmark = pytest.mark.xdist_group("checkpoint")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "experiments" / "configs" / "digits.py")
 EPOCHS, STOP_AT = 3, 13  # the loop tests: 3 epochs of 10 steps, stopped mid-epoch 2
@@ -246,6 +248,8 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(straight, tmp_path
     assert int(got.state.affinity_count) == EPOCHS * 10 // 3
     assert got.position == checkpoint.Position(EPOCHS, 0)
     assert_bitwise_equal(got.state, want.state)
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [28, 30]  # every 4 steps and the final one; keep_checkpoints=2
     # The saved data position means nothing with another batch size: refused by name.
     with pytest.raises(checkpoint.CheckpointMismatchError, match="run.batch_size"):
         experiment.train_and_evaluate(tiny_digits_config(batch_size=64), str(tmp_path),

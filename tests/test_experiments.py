@@ -16,6 +16,8 @@ from tr_jax.data import celeba
 from test_checkpoint import fast_prng_compiles  # noqa: F401 -- module-wide, autouse
 from test_data_cub import write_cub_tree  # the data tests' fabricated CUB_200_2011/ tree
 
+# One worker under `pytest -n 2 --dist loadgroup`: the module-scoped runs are made once.
+pytestmark = pytest.mark.xdist_group("experiments")
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
 

@@ -243,8 +243,9 @@ class Checkpointer:
         self._stop = StopSignal()
         self._manager = None
         if self.enabled:
+            # The cadence is decided here (``save``), deterministically: Orbax's own
+            # interval check also skips a step while an earlier save is still in progress.
             options = ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                                   save_interval_steps=every_steps,
                                                    enable_async_checkpointing=async_save)
             self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -273,10 +274,6 @@ class Checkpointer:
     def stop_requested(self) -> bool:
         """True once SIGTERM was received while this checkpointer was entered."""
         return self._stop.requested
-
-    def request_stop(self) -> None:
-        """Acts as if SIGTERM had been received (the next :meth:`step_end` saves and stops)."""
-        self._stop.requested = True
 
     def all_steps(self) -> list[int]:
         """The saved steps, oldest first ([] when checkpointing is off)."""
