@@ -45,7 +45,7 @@ def test_every_config_and_variant_loads(name, variant):
 
 
 def test_unknown_variant_is_refused():
-    with pytest.raises(ValueError, match="unknown variants"):
+    with pytest.raises(ValueError, match="unknown config variants"):
         module("cub_routing").get_config("runlokal")
 
 

@@ -27,6 +27,16 @@ MODELS = {"RoutedVGG": models.RoutedVGG, "RoutedResNet": models.RoutedResNet,
           "MLP": models.MLP}
 
 
+def config_variants(arg: str | None, known: tuple[str, ...]) -> set[str]:
+    """The comma-separated variants a config file's ``get_config(arg)`` got (from
+    ``--config CONFIG.py:a,b``), each checked against the file's ``known`` ones."""
+    variants = set(filter(None, (arg or "").split(",")))
+    if variants - set(known):
+        raise ValueError(f"unknown config variants {sorted(variants - set(known))}; use one "
+                         f"of {known}.")
+    return variants
+
+
 def build_dataset(config: ml_collections.ConfigDict) -> ArrayDataset:
     """The dataset named by ``config.dataset``, restricted to ``config.tasks`` if given.
 

@@ -21,15 +21,14 @@ import ml_collections
 from ml_collections import config_dict
 
 from tr_jax.data.celeba import TAG_TASKS
+from tr_jax.experiment import config_variants
 
 VARIANTS = ("runlocal",)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The config; ``arg`` holds comma-separated variants from ``VARIANTS``."""
-    variants = set(filter(None, (arg or "").split(",")))
-    if variants - set(VARIANTS):
-        raise ValueError(f"unknown variants {sorted(variants - set(VARIANTS))}; use {VARIANTS}.")
+    variants = config_variants(arg, VARIANTS)
     c = ml_collections.ConfigDict()
     c.seed = 0                   # seeds parameters and data order
     c.dataset = "celeb_a"        # TFDS celeb_a (40 attributes, official splits)

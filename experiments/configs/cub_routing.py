@@ -21,6 +21,8 @@ The paper lists no optimizer schedule or input size for CUB; SGD 0.01 (momentum 
 import ml_collections
 from ml_collections import config_dict
 
+from tr_jax.experiment import config_variants
+
 VARIANTS = ("runlocal", "shared", "disjoint")
 TASK_COUNTS = (20, 40, 100, 312)              # the paper's settings on CUB
 SHARING = (0.0, 0.25, 0.5, 0.75, 1.0)          # the σ sweep
@@ -28,9 +30,7 @@ SHARING = (0.0, 0.25, 0.5, 0.75, 1.0)          # the σ sweep
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The config; ``arg`` holds comma-separated variants from ``VARIANTS``."""
-    variants = set(filter(None, (arg or "").split(",")))
-    if variants - set(VARIANTS):
-        raise ValueError(f"unknown variants {sorted(variants - set(VARIANTS))}; use {VARIANTS}.")
+    variants = config_variants(arg, VARIANTS)
     c = ml_collections.ConfigDict()
     c.seed = 0                   # seeds parameters, routing masks (own stream) and data order
     c.dataset = "cub"            # tr_jax's cub2011_attributes TFDS dataset (312 attributes)
