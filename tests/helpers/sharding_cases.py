@@ -120,7 +120,7 @@ def affinity_case(out):
     # one mesh per variant keeps the compile count down (train_affinity_case runs every mesh);
     # the strategies agree with each other (tests/test_affinity.py): two references suffice
     variants = {"sgd_chunked": (dict(strategy="chunked", chunk_size=1), ((2, 4),)),
-                "sgd_given_grads": (dict(strategy="vmap", given=True), ((1, 8),)),
+                "sgd_given_grads": (dict(strategy="auto", given=True), ((1, 8),)),
                 "opt_unrolled": (dict(strategy="unrolled", update="opt"), ((4, 2),))}
     args = (shared, rest, batch, opt_state)
     for update in ("sgd", "opt"):

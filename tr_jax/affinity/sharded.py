@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from tr_jax.affinity.lookahead import (Strategy, UpdateFn, affinity_from_losses, check_lr,
-                                       lookahead_losses, resolve_strategy, sgd_update)
+from tr_jax.affinity.lookahead import (UpdateFn, affinity_from_losses, check_lr,
+                                       lookahead_losses, sgd_update)
 from tr_jax.affinity.per_task import (LossFn, PyTree, assert_task_axis, check_losses,
-                                      check_shared, map_tasks)
+                                      check_shared)
+from tr_jax.affinity.strategy import Strategy, map_tasks, resolve_strategy
 P = jax.P  # the task axis is tr_jax.sharding.TASK = "task" (not imported: tr_jax.sharding
 # imports tr_jax.train, which may import tr_jax.affinity)
 
@@ -43,10 +44,14 @@ def sharded_lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, ba
     Args:
       mesh: the device mesh (:func:`tr_jax.sharding.make_mesh`).
       axis: the mesh axis that splits the source tasks.
-      strategy, chunk_size: how each device runs its block of ceil(T / n) tasks ("auto"
-        decides on the block size). ``"chunked"`` fuses each chunk's per-task gradients with
-        their lookahead forwards, so at most ``chunk_size`` gradients of ``shared`` are held
-        per device.
+      strategy, chunk_size: how each device runs its block of ceil(T / n) tasks.
+        ``"chunked"`` fuses each chunk's per-task gradients with their lookahead forwards
+        (a ``jax.lax.map`` loop), so at most ``chunk_size`` gradients of ``shared`` exist per
+        device: the memory-bounded choice, on every backend (on XLA:CPU gradient convolutions
+        run slower inside loops; see :mod:`tr_jax.affinity.strategy`). ``"auto"`` decides on
+        the block size with :func:`~tr_jax.affinity.strategy.resolve_strategy`: on CPU
+        backward passes unrolled (all the block's gradients held) and lookahead forwards in a
+        loop; on GPU/TPU vmap up to 64 tasks per device, else fused chunks.
       losses_and_grads: precomputed (losses (T,), per-task grads (T, ...)): each device then
         runs only the lookahead forwards of its rows.
 
@@ -68,18 +73,21 @@ def sharded_lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, ba
         assert_task_axis(grads, shared, num_tasks)
         sources = jax.tree.map(lambda g: _pad_rows(g, n), grads)
     block = math.ceil(num_tasks / n)
-    concrete, chunk = resolve_strategy(strategy, block, chunk_size)
+    forward, chunk = resolve_strategy(strategy, block, chunk_size)
+    backward, back_chunk = (resolve_strategy(strategy, block, chunk_size, backward=True)
+                            if strategy == "auto" else (forward, chunk))
     lookahead = functools.partial(lookahead_losses, loss_fn,
                                   update_fn=update_fn or sgd_update(lr))
 
     def rows(sources, shared, rest, batch):
         if losses_and_grads is not None:
-            return lookahead(shared, rest, batch, sources, strategy=concrete, chunk_size=chunk)
+            return lookahead(shared, rest, batch, sources, strategy=forward, chunk_size=chunk)
         losses, pullback = jax.vjp(lambda s: loss_fn(s, rest, batch), shared)
         sources = sources.astype(losses.dtype)
-        if concrete != "chunked":
-            (grads,) = jax.vmap(pullback)(sources)
-            return losses, lookahead(shared, rest, batch, grads, strategy=concrete)
+        if backward != "chunked":
+            (grads,) = map_tasks(pullback, sources, backward, back_chunk)
+            return losses, lookahead(shared, rest, batch, grads, strategy=forward,
+                                     chunk_size=chunk)
 
         def source_row(one_hot):  # one source task: its gradient, then its lookahead losses
             (grad,) = pullback(one_hot)
