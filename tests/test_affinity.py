@@ -23,7 +23,8 @@ import pytest
 
 from tr_jax import models
 from tr_jax.affinity import (gradient_cosine, lookahead_affinity, merge_params, optax_lookahead,
-                             per_task_grads, resolve_strategy, split_params)
+                             per_task_and_total_grads, per_task_grads, resolve_strategy,
+                             split_params)
 
 DATA = pathlib.Path(__file__).parent / "data"
 LR = 0.05
@@ -119,6 +120,34 @@ def test_per_task_grads_match_one_grad_per_task(x64, kind):
             assert g.shape == (3, *r.shape)
             assert_close(g[i], r, atol=1e-12)
             assert_close(v[i], r, atol=1e-12)
+
+
+def test_per_task_and_total_grads_give_the_summed_gradient_and_aux(x64):
+    model = models.SmallCNN(num_tasks=3, widths=(4, 6))
+    _, params, extra, batch = make_problem("cnn")
+
+    def losses_and_stats(shared, head, b):
+        logits, updates = model.apply({"params": merge_params(shared, head), **extra},
+                                      b["image"], None, True, mutable=["batch_stats"])
+        return per_task_ce(logits, b["labels"]), updates["batch_stats"]
+
+    shared, head = split_params(params)
+    losses, grads, head_grad, stats = jax.jit(
+        lambda s, h, b: per_task_and_total_grads(losses_and_stats, s, h, b, has_aux=True))(
+        shared, head, batch)
+
+    @jax.jit
+    def reference(shared, head):
+        summed = jax.grad(lambda s, h: losses_and_stats(s, h, batch)[0].sum(), argnums=(0, 1))
+        task_1 = jax.grad(lambda s: losses_and_stats(s, head, batch)[0][1])
+        return losses_and_stats(shared, head, batch), summed(shared, head), task_1(shared)
+
+    (ref_losses, ref_stats), (ref_shared, ref_head), ref_task_1 = reference(shared, head)
+    assert_close(losses, ref_losses)
+    for got, ref in ((jax.tree.map(lambda g: g.sum(0), grads), ref_shared),
+                     (head_grad, ref_head), (stats, ref_stats),
+                     (jax.tree.map(lambda g: g[1], grads), ref_task_1)):
+        jax.tree.map(lambda a, b: assert_close(a, b, atol=1e-12), got, ref)
 
 
 def test_split_and_merge_params_round_trip():

@@ -9,7 +9,8 @@ from tr_jax.affinity.estimators import (model_representation, model_representati
                                         sketched_affinity, taylor_affinity)
 from tr_jax.affinity.lookahead import (affinity_from_losses, lookahead_affinity, lookahead_losses,
                                        optax_lookahead, resolve_strategy, sgd_update)
-from tr_jax.affinity.per_task import merge_params, per_task_grads, split_params
+from tr_jax.affinity.per_task import (merge_params, per_task_and_total_grads, per_task_grads,
+                                      split_params)
 
 __all__ = [
     "affinity_from_losses",
@@ -21,6 +22,7 @@ __all__ = [
     "model_representation",
     "model_representation_affinity",
     "optax_lookahead",
+    "per_task_and_total_grads",
     "per_task_grads",
     "representation_affinity",
     "resolve_strategy",

@@ -18,8 +18,8 @@ from flax import traverse_util
 from tr_jax.affinity.strategy import Strategy, check_chunk_size, map_tasks, resolve_strategy
 
 __all__ = ["LossFn", "PyTree", "assert_task_axis", "check_chunk_size", "check_losses",
-           "check_shared", "map_tasks", "merge_params", "per_task_grads", "select_like",
-           "split_params"]
+           "check_shared", "map_tasks", "merge_params", "per_task_and_total_grads",
+           "per_task_grads", "select_like", "split_params"]
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, Any], jax.Array]
@@ -86,6 +86,44 @@ def per_task_grads(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, *,
     one_hots = jnp.eye(num_tasks, dtype=losses.dtype)
     (grads,) = map_tasks(pullback, one_hots, strategy, chunk_size)
     return losses, grads
+
+
+def per_task_and_total_grads(loss_fn: Callable[..., Any], shared: PyTree, rest: PyTree,
+                             batch: Any, *, has_aux: bool = False, strategy: Strategy = "auto",
+                             chunk_size: int | None = None
+                             ) -> tuple[jax.Array, PyTree, PyTree, Any]:
+    """Per-task gradients of ``shared`` and the gradient of the summed loss, one forward.
+
+    For a train step that also measures the lookahead affinity: the update's gradient of the
+    shared parameters is the sum of the per-task gradients (linearity), so the step needs no
+    backward pass of its own through the shared trunk -- only the summed loss's gradient of
+    ``rest`` (one pullback whose trunk part XLA prunes as unused). Pass ``(losses, grads)``
+    on to :func:`tr_jax.affinity.lookahead_affinity` as ``losses_and_grads``.
+
+    Args:
+      loss_fn: ``loss_fn(shared, rest, batch) -> (T,)`` losses, or ``-> ((T,), aux)`` with
+        ``has_aux`` (e.g. the updated BatchNorm statistics).
+      shared: shared parameters θ_s.
+      rest: the other parameters, differentiated too (e.g. the heads).
+      batch: one batch.
+      has_aux: ``loss_fn`` returns ``(losses, aux)``.
+      strategy, chunk_size: how the T per-task pullbacks run, as for :func:`per_task_grads`.
+
+    Returns:
+      ``(losses, grads, rest_grad, aux)``: losses (T,); grads like ``shared`` with a leading
+      T axis; rest_grad like ``rest``, the gradient of ``losses.sum()``; aux (None without
+      ``has_aux``). The summed loss's gradient of ``shared`` is
+      ``jax.tree.map(lambda g: g.sum(0), grads)``.
+    """
+    check_shared(shared)
+    out = jax.vjp(lambda s, r: loss_fn(s, r, batch), shared, rest, has_aux=has_aux)
+    losses, pullback, aux = out if has_aux else (*out, None)
+    num_tasks = check_losses(losses)
+    strategy, chunk_size = resolve_strategy(strategy, num_tasks, chunk_size, backward=True)
+    one_hots = jnp.eye(num_tasks, dtype=losses.dtype)
+    grads = map_tasks(lambda e: pullback(e)[0], one_hots, strategy, chunk_size)
+    rest_grad = pullback(jnp.ones_like(losses))[1]
+    return losses, grads, rest_grad, aux
 
 
 def _normalize_shared(shared: Callable[[Path], bool] | Collection[str | Path]
