@@ -1,4 +1,5 @@
-"""Neural-network layers shared by all tr_jax models."""
-from tr_jax.nn.conv import Conv
+"""Neural-network layers shared by all tr_jax models, with backend-aware lowerings."""
+from tr_jax.nn.conv import Conv, conv2d
+from tr_jax.nn.pool import max_pool
 
-__all__ = ["Conv"]
+__all__ = ["Conv", "conv2d", "max_pool"]

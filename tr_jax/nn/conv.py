@@ -1,40 +1,186 @@
-"""2-D convolution used by every tr_jax model.
+"""2-D convolution used by every tr_jax model, with a backend-aware lowering.
 
 Parameter names and shapes match ``flax.linen.Conv`` (``kernel`` (kh, kw, Cin, Cout) in HWIO,
 ``bias`` (Cout,)), so checkpoints and per-task gradient code see the same tree whichever
 lowering runs.
+
+Two lowerings compute the same convolution (equal up to float summation order):
+
+* ``"xla"`` -- ``lax.conv_general_dilated``: what ``flax.linen.Conv`` runs. The right choice
+  on GPU and TPU, and on CPU for maps of 8x8 and larger.
+* ``"im2col"`` -- patches + one matrix product: the input is padded, the kh*kw shifted
+  (strided) windows are concatenated along channels into (B, H', W', kh*kw*Cin) and
+  contracted with the kernel reshaped to (kh*kw*Cin, Cout). XLA:CPU runs a 3x3 conv on a 2x2
+  map (VGG-11's last block at 32x32 input) ~75x slower than this product, forward and
+  input-gradient alike. Autodiff of the product gives matrix products for both gradients,
+  and ``vmap`` over a per-task kernel gives a batched product instead of a grouped
+  convolution.
+
+``lowering="auto"`` (the default) picks per call, at trace time: ``"xla"`` off CPU; on CPU
+``"im2col"`` when the output map has at most :data:`IM2COL_MAX_AREA` positions, else
+``"xla"``. Override it per layer (``Conv(lowering=...)``, ``conv2d(lowering=...)``) or for the
+whole process with the environment variable ``TR_JAX_CONV_LOWERING`` (``auto``, ``xla`` or
+``im2col``), which applies where a layer leaves ``lowering`` at ``"auto"``. The measurements
+behind the threshold are in ``benchmarks/results/perf_notes.md``.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import os
+from typing import Any, Literal, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+Lowering = Literal["auto", "xla", "im2col"]
+LOWERINGS = ("auto", "xla", "im2col")
+ENV_VAR = "TR_JAX_CONV_LOWERING"
+# On CPU, "auto" uses im2col when the output map has at most this many positions (H' * W').
+# Measured on XLA:CPU (2 cores, float32, batch 32, 512 -> 512 channels, forward + both
+# gradients): 2x2 maps 550 ms (xla) vs 15 ms (im2col); 4x4 60 vs 55 ms; 8x8 210 vs 260 ms.
+IM2COL_MAX_AREA = 16
+DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
+
+
+def _check_lowering(lowering: str, where: str) -> None:
+    if lowering not in LOWERINGS:
+        raise ValueError(f"{where}={lowering!r} is unknown; use one of {LOWERINGS}.")
+
+
+def explicit_padding(padding: Padding, in_hw: Sequence[int], kernel_hw: Sequence[int],
+                     strides: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Padding as ((top, bottom), (left, right)).
+
+    Args:
+      padding: ``"SAME"``, ``"SAME_LOWER"``, ``"VALID"``, an int p (p on every side), a pair
+        of ints (per spatial dim, both sides) or a pair of (lo, hi) pairs.
+      in_hw: input (H, W).
+      kernel_hw: (kh, kw).
+      strides: (sh, sw).
+    """
+    if isinstance(padding, str):
+        pads = lax.padtype_to_pads(tuple(in_hw), tuple(kernel_hw), tuple(strides), padding)
+    elif isinstance(padding, int):
+        pads = [(padding, padding)] * 2
+    else:
+        pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    if len(pads) != 2 or any(len(p) != 2 for p in pads):
+        raise ValueError(f"padding={padding!r} must describe the 2 spatial dims of an NHWC "
+                         "input, e.g. 'SAME', 1 or ((1, 1), (1, 1)).")
+    return tuple((int(lo), int(hi)) for lo, hi in pads)
+
+
+def _output_hw(in_hw, kernel_hw, strides, pads) -> tuple[int, int]:
+    return tuple((n + lo + hi - k) // s + 1
+                 for n, k, s, (lo, hi) in zip(in_hw, kernel_hw, strides, pads))
+
+
+def resolve_lowering(lowering: str, x_shape: Sequence[int], kernel_shape: Sequence[int],
+                     strides: Sequence[int] = (1, 1), padding: Padding = "SAME") -> str:
+    """The concrete lowering (``"xla"`` or ``"im2col"``) a call will use.
+
+    ``"auto"`` first defers to the ``TR_JAX_CONV_LOWERING`` environment variable, then picks by
+    backend (``jax.default_backend()``) and output map size as described in the module
+    docstring.
+    """
+    _check_lowering(lowering, "lowering")
+    if lowering == "auto":
+        lowering = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        _check_lowering(lowering, ENV_VAR)
+    if lowering != "auto":
+        return lowering
+    if jax.default_backend() != "cpu":
+        return "xla"
+    pads = explicit_padding(padding, x_shape[1:3], kernel_shape[:2], strides)
+    ho, wo = _output_hw(x_shape[1:3], kernel_shape[:2], strides, pads)
+    return "im2col" if ho * wo <= IM2COL_MAX_AREA else "xla"
+
+
+def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
+                padding: Padding = "SAME") -> jax.Array:
+    """Convolution as patches + one matrix product.
+
+    Args:
+      x: (B, H, W, Cin).
+      kernel: (kh, kw, Cin, Cout), HWIO.
+      strides: (sh, sw).
+      padding: see :func:`explicit_padding`.
+
+    Returns:
+      (B, H', W', Cout), equal to ``lax.conv_general_dilated`` up to summation order.
+    """
+    kh, kw, cin, cout = kernel.shape
+    sh, sw = strides
+    pads = explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
+    ho, wo = _output_hw(x.shape[1:3], (kh, kw), strides, pads)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"kernel {(kh, kw)} with padding {pads} does not fit input map "
+                         f"{x.shape[1:3]}.")
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    b = x.shape[0]
+    windows = [lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
+                         (1, sh, sw, 1))
+               for i in range(kh) for j in range(kw)]
+    patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
+    # Patch channels are ordered (i, j, c), as the rows of the HWIO kernel reshaped.
+    return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout),
+                           (((3,), (0,)), ((), ())))
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
+           padding: Padding = "SAME", *, lowering: Lowering = "auto") -> jax.Array:
+    """NHWC / HWIO convolution through the chosen lowering (see the module docstring).
+
+    Args:
+      x: (B, H, W, Cin).
+      kernel: (kh, kw, Cin, Cout).
+      strides: (sh, sw).
+      padding: ``"SAME"``, ``"VALID"``, an int, or explicit pairs.
+      lowering: ``"auto"``, ``"xla"`` or ``"im2col"``.
+
+    Returns:
+      (B, H', W', Cout).
+    """
+    if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
+        raise ValueError(f"conv2d expects x (B, H, W, Cin) and kernel (kh, kw, Cin, Cout) with "
+                         f"matching Cin; got x {x.shape} and kernel {kernel.shape}.")
+    strides = tuple(int(s) for s in strides)
+    if resolve_lowering(lowering, x.shape, kernel.shape, strides, padding) == "im2col":
+        return im2col_conv(x, kernel, strides, padding)
+    pads = explicit_padding(padding, x.shape[1:3], kernel.shape[:2], strides)
+    return lax.conv_general_dilated(x, kernel, strides, pads,
+                                    dimension_numbers=DIMENSION_NUMBERS)
 
 
 class Conv(nn.Module):
-    """NHWC convolution with ``flax.linen.Conv``'s parameters.
+    """NHWC convolution with ``flax.linen.Conv``'s parameters and a backend-aware lowering.
 
     Attributes:
       features: output channels Cout.
       kernel_size: (kh, kw).
       strides: (sh, sw).
-      padding: ``"SAME"``, ``"VALID"`` or explicit ((lo, hi), (lo, hi)).
+      padding: ``"SAME"``, ``"VALID"``, an int or explicit ((lo, hi), (lo, hi)).
       use_bias: adds a (Cout,) bias.
       dtype: computation dtype (None: from inputs and params).
       param_dtype: parameter dtype.
+      kernel_init: kernel initializer (flax's default: LeCun normal).
+      bias_init: bias initializer.
+      lowering: ``"auto"`` (backend and shape decide; ``TR_JAX_CONV_LOWERING`` overrides),
+        ``"xla"`` or ``"im2col"``.
     """
 
     features: int
     kernel_size: Sequence[int] = (3, 3)
     strides: Sequence[int] = (1, 1)
-    padding: Any = "SAME"
+    padding: Padding = "SAME"
     use_bias: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros_init()
+    lowering: Lowering = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -44,7 +190,5 @@ class Conv(nn.Module):
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x, kernel, window_strides=tuple(self.strides), padding=self.padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = conv2d(x, kernel, self.strides, self.padding, lowering=self.lowering)
         return y if bias is None else y + bias

@@ -1,0 +1,143 @@
+"""tr_jax.nn.conv: every lowering equals flax.linen.Conv (forward and gradients), float32 and
+float64, over map sizes 1x1 .. 9x9 (incl. 2x2), kernels, strides and paddings; the "auto"
+choice and its overrides."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tr_jax.nn import conv as conv_lib
+
+LOWERINGS = ("xla", "im2col")
+# (input H, W), kernel, strides, padding
+CASES = [
+    ((1, 1), (3, 3), (1, 1), "SAME"),
+    ((2, 2), (3, 3), (1, 1), "SAME"),
+    ((2, 2), (1, 1), (1, 1), "VALID"),
+    ((4, 4), (3, 3), (1, 1), "SAME"),
+    ((5, 7), (3, 3), (2, 2), "SAME"),
+    ((6, 6), (1, 1), (2, 2), "VALID"),
+    ((9, 9), (3, 3), (1, 1), "VALID"),
+    ((7, 5), (2, 3), (2, 1), ((2, 0), (1, 1))),
+    ((4, 4), (7, 7), (2, 2), "SAME"),
+    ((3, 3), (3, 3), (1, 1), 1),
+    ((8, 8), (3, 3), (1, 1), "SAME_LOWER"),
+]
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _loss(module, params, x):
+    return jnp.sum(jnp.sin(module.apply({"params": params}, x)))
+
+
+def _compare_all_cases(cases, dtype, rtol, atol, grad_rtol):
+    """One jit over the cases and lowerings: value and gradients (params and x) of each tr_jax
+    lowering against flax.linen.Conv with the same parameters (odd cases without bias)."""
+    runs = []
+    for i, (hw, kernel, strides, padding) in enumerate(cases):
+        for use_bias in (i % 2 == 0,):
+            x = jax.random.normal(jax.random.key(i), (2, *hw, 5), dtype)
+            ref = nn.Conv(4, kernel, strides, padding, use_bias=use_bias, param_dtype=dtype)
+            params = ref.init(jax.random.key(100 + i), x)["params"]
+            if use_bias:  # a non-zero bias, so that its gradient path is exercised
+                params = {**params, "bias": jax.random.normal(jax.random.key(200 + i), (4,),
+                                                              dtype)}
+            mine = {low: conv_lib.Conv(4, kernel, strides, padding, use_bias=use_bias,
+                                       param_dtype=dtype, lowering=low) for low in LOWERINGS}
+            runs.append((f"case {cases[i]} bias={use_bias}", ref, mine, params, x))
+
+    @jax.jit
+    def evaluate(inputs):
+        out = []
+        for (_, ref, mine, _, _), (params, x) in zip(runs, inputs):
+            modules = {"flax": ref, **mine}
+            out.append({name: (m.apply({"params": params}, x),
+                               jax.grad(lambda p, x, m=m: _loss(m, p, x), argnums=(0, 1))(
+                                   params, x))
+                        for name, m in modules.items()})
+        return out
+
+    results = evaluate([(params, x) for _, _, _, params, x in runs])
+    for (label, *_), res in zip(runs, results):
+        y_ref, g_ref = res["flax"]
+        for low in LOWERINGS:
+            y, g = res[low]
+            assert y.dtype == dtype, label
+            np.testing.assert_allclose(y, y_ref, rtol=rtol, atol=atol, err_msg=f"{label} {low}")
+            for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+                np.testing.assert_allclose(a, b, rtol=grad_rtol, atol=atol,
+                                           err_msg=f"{label} {low} grad")
+
+
+def test_matches_flax_conv_float32():
+    _compare_all_cases(CASES, jnp.float32, rtol=1e-5, atol=1e-5, grad_rtol=1e-4)
+
+
+def test_matches_flax_conv_float64(x64):
+    _compare_all_cases(CASES[1:6], jnp.float64, rtol=1e-12, atol=1e-12, grad_rtol=1e-11)
+
+
+def test_params_match_flax_conv():
+    x = jnp.ones((1, 4, 4, 3))
+    for use_bias in (True, False):
+        ref = nn.Conv(8, (3, 3), use_bias=use_bias).init(jax.random.key(0), x)
+        mine = conv_lib.Conv(8, (3, 3), use_bias=use_bias).init(jax.random.key(0), x)
+        assert jax.tree.map(jnp.shape, mine) == jax.tree.map(jnp.shape, ref)
+        jax.tree.map(np.testing.assert_array_equal, mine, ref)
+
+
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_vmapped_kernels_match_per_kernel_calls(lowering):
+    """A per-task kernel under vmap (the TAG lookahead) equals one call per kernel."""
+    x = jax.random.normal(jax.random.key(0), (3, 2, 2, 4))
+    kernels = jax.random.normal(jax.random.key(1), (5, 3, 3, 4, 6))
+    batched = jax.jit(jax.vmap(lambda k: conv_lib.conv2d(x, k, lowering=lowering)))(kernels)
+    for t in range(5):
+        np.testing.assert_allclose(batched[t], conv_lib.conv2d(x, kernels[t], lowering="xla"),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_auto_picks_im2col_for_small_maps_on_cpu(monkeypatch):
+    monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
+    area = conv_lib.IM2COL_MAX_AREA
+    side = int(np.sqrt(area))
+    assert conv_lib.resolve_lowering("auto", (32, 2, 2, 512), (3, 3, 512, 512)) == "im2col"
+    assert conv_lib.resolve_lowering("auto", (32, side, side, 8), (3, 3, 8, 8)) == "im2col"
+    assert conv_lib.resolve_lowering("auto", (32, 2 * side, 2 * side, 8), (3, 3, 8, 8)) == "xla"
+    # the output map decides: a stride-2 conv on an 8x8 map has a 4x4 output
+    assert conv_lib.resolve_lowering("auto", (32, 8, 8, 8), (3, 3, 8, 8), (2, 2)) == "im2col"
+
+
+def test_auto_is_xla_off_cpu(monkeypatch):
+    monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert conv_lib.resolve_lowering("auto", (32, 2, 2, 512), (3, 3, 512, 512)) == "xla"
+
+
+def test_env_var_overrides_auto_but_not_an_explicit_choice(monkeypatch):
+    monkeypatch.setenv(conv_lib.ENV_VAR, "xla")
+    assert conv_lib.resolve_lowering("auto", (32, 2, 2, 8), (3, 3, 8, 8)) == "xla"
+    assert conv_lib.resolve_lowering("im2col", (32, 2, 2, 8), (3, 3, 8, 8)) == "im2col"
+    monkeypatch.setenv(conv_lib.ENV_VAR, "IM2COL")
+    assert conv_lib.resolve_lowering("auto", (32, 64, 64, 8), (3, 3, 8, 8)) == "im2col"
+    monkeypatch.setenv(conv_lib.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=conv_lib.ENV_VAR):
+        conv_lib.resolve_lowering("auto", (32, 2, 2, 8), (3, 3, 8, 8))
+
+
+def test_bad_arguments_raise_clear_errors():
+    x, k = jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 3, 2))
+    with pytest.raises(ValueError, match="lowering"):
+        conv_lib.conv2d(x, k, lowering="cudnn")
+    with pytest.raises(ValueError, match="matching Cin"):
+        conv_lib.conv2d(x, jnp.ones((3, 3, 5, 2)))
+    with pytest.raises(ValueError, match="does not fit"):
+        conv_lib.im2col_conv(jnp.ones((1, 2, 2, 3)), jnp.ones((5, 5, 3, 2)), padding="VALID")
+    with pytest.raises(ValueError, match="padding"):
+        conv_lib.conv2d(x, k, padding=((1, 1), (1, 1), (1, 1)))
