@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from tr_jax.models.base import MultiTaskModel
 from tr_jax.models.layers import ConvNormRoute, RoutingSpec, maybe_route
+from tr_jax.nn import max_pool
 
 VGG_CFGS = {  # numbers are conv widths, "M" a 2x2 max-pool
     "A": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -36,7 +37,7 @@ class VGGEncoder(nn.Module):
                 # Small inputs (8x8, 32x32) run out of resolution before the 5th pool:
                 # a pool that would reduce a 1-pixel map is skipped.
                 if min(x.shape[1:3]) >= 2:
-                    x = nn.max_pool(x, (2, 2), (2, 2))
+                    x = max_pool(x, (2, 2), (2, 2))
             else:
                 x = nn.relu(ConvNormRoute(max(1, int(v * self.width_multiplier)), self.routing,
                                           batch_norm=self.batch_norm, dtype=self.dtype)(
@@ -96,7 +97,7 @@ class TagResNetEncoder(nn.Module):
     @nn.compact
     def __call__(self, x, task, train):
         x = nn.relu(ConvNormRoute(self.width, self.routing, dtype=self.dtype)(x, task, train))
-        x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+        x = max_pool(x, (3, 3), (2, 2), padding="SAME")
         x = _ResidualBlock(self.width, self.routing, dtype=self.dtype)(x, task, train)
         x = nn.avg_pool(x, (2, 2), (2, 2))
         return x.reshape(x.shape[0], -1)
@@ -124,7 +125,7 @@ class ResNet18Encoder(nn.Module):
         if self.imagenet_stem:
             x = nn.relu(ConvNormRoute(64, self.routing, (7, 7), (2, 2), dtype=self.dtype)(
                 x, task, train))
-            x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+            x = max_pool(x, (3, 3), (2, 2), padding="SAME")
         else:
             x = nn.relu(ConvNormRoute(64, self.routing, dtype=self.dtype)(x, task, train))
         for i, width in enumerate((64, 128, 256, 512)):
@@ -155,7 +156,7 @@ class SmallCNNEncoder(nn.Module):
         for w in self.widths:
             x = nn.relu(ConvNormRoute(w, self.routing, dtype=self.dtype)(x, task, train))
             if min(x.shape[1:3]) >= 2:
-                x = nn.max_pool(x, (2, 2), (2, 2))
+                x = max_pool(x, (2, 2), (2, 2))
         return x.mean(axis=(1, 2))
 
 
