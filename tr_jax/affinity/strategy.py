@@ -73,6 +73,26 @@ def resolve_strategy(strategy: str, num_tasks: int, chunk_size: int | None, *,
     return "chunked", chunk_size or AUTO_ACCEL_VMAP_MAX
 
 
+def after(x: Any, previous: Any) -> Any:
+    """``x`` unchanged, but computed only once every leaf of ``previous`` is.
+
+    A zero-valued data dependency (``x + 0 * finite(sum(previous))``) on the floating-point
+    leaves of ``x``. It makes XLA finish one task's computation, reductions included, before
+    the next starts, so their temporaries share memory: on XLA:CPU the unrolled per-task
+    backward passes of the TAG CelebA encoder otherwise keep one (B, 64, 64, 64) cotangent per
+    task alive until the end (temp memory 683 MiB at T = 4, 1605 MiB at T = 12; with the
+    dependency 428 and 430 MiB, and faster). ``jax.lax.optimization_barrier`` does not do
+    this: XLA:CPU removes barriers before scheduling.
+    """
+    total = sum(jnp.sum(leaf, dtype=jnp.float32) for leaf in jax.tree.leaves(previous)
+                if jnp.issubdtype(leaf.dtype, jnp.inexact))
+    if isinstance(total, int):        # no floating-point leaf to wait for
+        return x
+    zero = jnp.where(jnp.isfinite(total), total, 0.0) * 0.0
+    return jax.tree.map(lambda a: a + zero.astype(a.dtype)
+                        if jnp.issubdtype(a.dtype, jnp.floating) else a, x)
+
+
 def map_tasks(fn: Callable, xs: Any, strategy: str, chunk_size: int | None = None):
     """Applies ``fn`` to every slice along the leading (task) axis of ``xs`` and stacks.
 
@@ -80,7 +100,8 @@ def map_tasks(fn: Callable, xs: Any, strategy: str, chunk_size: int | None = Non
       fn: function of one task's slice.
       xs: tree whose leaves share a leading axis T.
       strategy: ``"vmap"`` (one batched call), ``"unrolled"`` (a Python loop: T calls traced
-        one after the other into the same jit) or ``"chunked"`` (``jax.lax.map`` with
+        one after the other into the same jit, each sequenced after the previous one by
+        :func:`after`) or ``"chunked"`` (``jax.lax.map`` with
         ``batch_size=chunk_size``: vmap inside chunks, chunks run sequentially in a loop).
       chunk_size: tasks per chunk for ``"chunked"`` (None: one chunk of T).
 
@@ -91,7 +112,10 @@ def map_tasks(fn: Callable, xs: Any, strategy: str, chunk_size: int | None = Non
         return jax.vmap(fn)(xs)
     num = jax.tree.leaves(xs)[0].shape[0]
     if strategy == "unrolled":
-        outs = [fn(jax.tree.map(lambda a, i=i: a[i], xs)) for i in range(num)]
+        outs = []
+        for i in range(num):
+            x = jax.tree.map(lambda a, i=i: a[i], xs)
+            outs.append(fn(after(x, outs[-1]) if outs else x))
         return jax.tree.map(lambda *o: jnp.stack(o), *outs)
     if strategy == "chunked":
         return jax.lax.map(fn, xs, batch_size=chunk_size or num)
