@@ -55,9 +55,9 @@ def _taylor(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk
 
 
 def _sketch(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size):
-    del update_fn
     return estimators.sketched_affinity(loss_fn, shared, rest, batch, lr=lr, key=key,
-                                        strategy=strategy, chunk_size=chunk_size)
+                                        update_fn=update_fn, strategy=strategy,
+                                        chunk_size=chunk_size)
 
 
 # name -> fn(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size) -> (T, T)
