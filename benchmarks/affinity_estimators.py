@@ -30,7 +30,9 @@ import functools
 import json
 import pathlib
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -66,17 +68,18 @@ def make_loss_fn(model, others: dict) -> Callable:
 def estimator_fns(model, lr: float, ks: tuple[int, ...], *, exact: bool = True,
                   extras: bool = True) -> dict[str, Callable]:
     """name -> fn(variables, batch, key) -> (T, T) for the exact lookahead and the estimators."""
-    def split(variables):
+    def split(variables, shared=("encoder",)):
         others = {k: v for k, v in variables.items() if k != "params"}
-        shared, rest = affinity.split_params(variables["params"])
+        shared, rest = affinity.split_params(variables["params"], shared)
         return make_loss_fn(model, others), shared, rest
 
     def lookahead(variables, batch, key):
         loss_fn, shared, rest = split(variables)
         return affinity.lookahead_affinity(loss_fn, shared, rest, batch, lr=lr)
 
-    def taylor(variables, batch, key, order=1):
-        loss_fn, shared, rest = split(variables)
+    def taylor(variables, batch, key, order=1, last_layer=False):
+        loss_fn, shared, rest = split(
+            variables, [last_layer_path(variables["params"])] if last_layer else ("encoder",))
         return affinity.taylor_affinity(loss_fn, shared, rest, batch, lr=lr, order=order)
 
     def sketch(variables, batch, key, k):
@@ -93,6 +96,7 @@ def estimator_fns(model, lr: float, ks: tuple[int, ...], *, exact: bool = True,
 
     fns = {"exact": lookahead} if exact else {}
     fns["taylor"] = taylor
+    fns["taylor_last"] = functools.partial(taylor, last_layer=True)
     if extras:
         fns["taylor2"] = functools.partial(taylor, order=2)
     fns.update({f"sketch{k}": functools.partial(sketch, k=k) for k in ks})
@@ -100,6 +104,20 @@ def estimator_fns(model, lr: float, ks: tuple[int, ...], *, exact: bool = True,
     if extras:
         fns["cosine"] = cosine
     return fns
+
+
+def last_layer_path(params: dict) -> tuple[str, ...]:
+    """Key path of the encoder's last layer in key order (a module holding arrays, or one made
+    of such modules, like conv + BatchNorm): ``taylor_last`` is the Gram restricted to it."""
+    def is_module(node) -> bool:
+        return all(not isinstance(v, dict) for v in node.values())
+
+    path, node = ("encoder",), params["encoder"]
+    while True:
+        key = sorted(node)[-1]
+        path, node = path + (key,), node[key]
+        if is_module(node) or all(isinstance(v, dict) and is_module(v) for v in node.values()):
+            return path
 
 
 def off_diagonal(m: np.ndarray) -> np.ndarray:
@@ -138,6 +156,7 @@ def training_run(name: str, dataset, model, *, steps: int, lr: float, batch_size
         return new, out, loss
 
     sums = {n: 0.0 for n in fns}
+    halves = [0.0, 0.0]  # exact over even / odd steps: how reproducible the target itself is
     per_step = {n: [] for n in fns if n != "exact"}
     losses = []
     t0 = time.perf_counter()
@@ -152,6 +171,7 @@ def training_run(name: str, dataset, model, *, steps: int, lr: float, batch_size
         variables, out, loss = step(variables, batch, jax.random.key(1000 + i))
         out = {n: np.asarray(v, np.float64) for n, v in out.items()}
         losses.append(float(loss))
+        halves[i % 2] = halves[i % 2] + out["exact"]
         for n, v in out.items():
             sums[n] = sums[n] + v
             if n != "exact":
@@ -166,6 +186,7 @@ def training_run(name: str, dataset, model, *, steps: int, lr: float, batch_size
         if n == "exact":
             continue
         row = {"spearman": spearman(m, exact),
+               "pearson": float(np.corrcoef(off_diagonal(m), off_diagonal(exact))[0, 1]),
                "sign_agreement": float(np.mean(np.sign(off_diagonal(m))
                                                == np.sign(off_diagonal(exact)))),
                "per_step_spearman_median": float(np.median(per_step[n])),
@@ -182,11 +203,14 @@ def training_run(name: str, dataset, model, *, steps: int, lr: float, batch_size
             "steps": steps, "lr": lr, "batch_size": batch_size,
             "first_loss": losses[0], "last_loss": float(np.mean(losses[-10:])),
             "seconds": seconds, "estimators": rows,
+            "exact_split_half": {"spearman": spearman(*halves), "pearson": float(np.corrcoef(
+                off_diagonal(halves[0]), off_diagonal(halves[1]))[0, 1])},
             "exact_groups": {g: [list(t) for t in chosen["exact"][g].groups]
                              for g in NUM_GROUPS},
             "exact_groups_optimal": {g: bool(chosen["exact"][g].optimal) for g in NUM_GROUPS},
             "planted_groups": [list(t) for t in planted] if planted else None,
-            "exact_matrix": exact.tolist() if dataset.num_tasks <= 20 else None}
+            "matrices": ({n: m.tolist() for n, m in means.items()}
+                         if dataset.num_tasks <= 20 else None)}
 
 
 # ----------------------------------------------------------------------------- cost
@@ -215,34 +239,44 @@ def time_calls(fns: dict[str, Callable], args: tuple, repeats: int,
     return out
 
 
+def cost_one(t: int, ks: tuple[int, ...], *, image_size: int, batch_size: int, width: int,
+             repeats: int, budget_s: float) -> dict[str, Any]:
+    """Timings of every estimator and a plain train step at T = ``t`` (in this process)."""
+    model = RoutedResNet(num_tasks=t, width=width)
+    rng = np.random.default_rng(t)
+    batch = {"image": jnp.asarray(rng.random((batch_size, image_size, image_size, 3)),
+                                  jnp.float32),
+             "labels": jnp.asarray(rng.integers(0, 2, (batch_size, t)), jnp.int32),
+             "label_mask": jnp.ones((batch_size, t), bool)}
+    variables = model.init({"params": jax.random.key(0)}, batch["image"][:1], 0)
+
+    def train_step(variables, batch, key):
+        def total(params):
+            logits, _ = apply_all_tasks(model, {**variables, "params": params},
+                                        batch["image"], train=True)
+            return per_task_losses(logits, batch["labels"], batch["label_mask"]).sum()
+        return jax.grad(total)(variables["params"])
+
+    fns = {"train_step": train_step, **estimator_fns(model, 5e-4, ks, extras=False)}
+    timing = time_calls(fns, (variables, batch, jax.random.key(0)), repeats, budget_s)
+    return {"num_tasks": t, "timing": timing,
+            "ratio_to_exact": {n: timing["exact"]["median_s"] / v["median_s"]
+                               for n, v in timing.items()},
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+
+
 def cost_sweep(tasks: tuple[int, ...], ks: tuple[int, ...], *, image_size: int, batch_size: int,
                width: int, repeats: int, budget_s: float) -> list[dict[str, Any]]:
+    """:func:`cost_one` for every T, each in a fresh process (no memory or cache carried)."""
     records = []
-    lr = 5e-4
     for t in tasks:
-        model = RoutedResNet(num_tasks=t, width=width)
-        rng = np.random.default_rng(t)
-        batch = {"image": jnp.asarray(rng.random((batch_size, image_size, image_size, 3)),
-                                      jnp.float32),
-                 "labels": jnp.asarray(rng.integers(0, 2, (batch_size, t)), jnp.int32),
-                 "label_mask": jnp.ones((batch_size, t), bool)}
-        variables = model.init({"params": jax.random.key(0)}, batch["image"][:1], 0)
-        fns = estimator_fns(model, lr, ks, extras=False)
-
-        def train_step(variables, batch, key):
-            def total(params):
-                logits, _ = apply_all_tasks(model, {**variables, "params": params},
-                                            batch["image"], train=True)
-                return per_task_losses(logits, batch["labels"], batch["label_mask"]).sum()
-            return jax.grad(total)(variables["params"])
-
-        fns = {"train_step": train_step, **fns}
-        timing = time_calls(fns, (variables, batch, jax.random.key(0)), repeats, budget_s)
-        rec = {"num_tasks": t, "timing": timing,
-               "ratio_to_exact": {n: timing["exact"]["median_s"] / v["median_s"]
-                                  for n, v in timing.items()}}
-        print(f"T={t}: " + ", ".join(f"{n} {v['median_s']:.3f}s" for n, v in timing.items()),
-              flush=True)
+        cmd = [sys.executable, __file__, "--cost-one", str(t), "--image-size", str(image_size),
+               "--batch-size", str(batch_size), "--width", str(width), "--repeats",
+               str(repeats), "--budget", str(budget_s), "--cost-ks", *map(str, ks)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rec = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"T={t}: " + ", ".join(f"{n} {v['median_s']:.3f}s"
+                                     for n, v in rec["timing"].items()), flush=True)
         records.append(rec)
     return records
 
@@ -259,7 +293,7 @@ def write_markdown(result: dict[str, Any], path: pathlib.Path) -> None:
     lines = ["# Affinity estimators vs the exact TAG lookahead", "",
              f"Machine: {result['machine']}. Command: `{result['command']}`.", "",
              "## Accuracy of the run-averaged matrix", "",
-             "Spearman / sign agreement: off-diagonal entries of the run-averaged matrix vs the "
+             "Spearman / Pearson / sign agreement: off-diagonal entries of the run-averaged matrix vs the "
              "exact one. Per-step: median over steps of the single-step Spearman. Groups: "
              "`select_groups` for 2 / 3 / 4 networks, `=` same groups as from the exact matrix; "
              "regret: loss of the exact matrix's objective at the estimator's groups, relative "
@@ -269,14 +303,20 @@ def write_markdown(result: dict[str, Any], path: pathlib.Path) -> None:
                   f"{run['steps']} steps, lr {run['lr']}, batch {run['batch_size']}; loss "
                   f"{run['first_loss']:.3g} -> {run['last_loss']:.3g}; {run['seconds']:.0f} s)",
                   "",
-                  "| estimator | Spearman | sign agr. | per-step Spearman | same groups 2/3/4 "
-                  "| regret 2/3/4 |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| estimator | Spearman | Pearson | sign agr. | per-step Spearman "
+                  "| same groups 2/3/4 | regret 2/3/4 |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for n, r in run["estimators"].items():
             same = "/".join("=" if r["same_groups"][g] else "x" for g in NUM_GROUPS)
             regret = " / ".join(f"{r['regret'][g]:.3f}" for g in NUM_GROUPS)
-            lines.append(f"| {n} | {r['spearman']:.3f} | {r['sign_agreement']:.3f} | "
+            lines.append(f"| {n} | {r['spearman']:.3f} | {r['pearson']:.3f} | "
+                         f"{r['sign_agreement']:.3f} | "
                          f"{r['per_step_spearman_median']:.3f} | {same} | {regret} |")
-        lines += ["", "Exact groups: " + "; ".join(
+        half = run["exact_split_half"]
+        lines += ["", f"Noise ceiling: the exact matrix averaged over the even steps vs over the "
+                      f"odd steps has Spearman {half['spearman']:.3f}, Pearson "
+                      f"{half['pearson']:.3f}.", "",
+                  "Exact groups: " + "; ".join(
             f"{g}: {fmt_groups(run['exact_groups'][g])}"
             f"{'' if run['exact_groups_optimal'][g] else ' (not proven optimal)'}"
             for g in NUM_GROUPS)]
@@ -298,7 +338,9 @@ def write_markdown(result: dict[str, Any], path: pathlib.Path) -> None:
     lines += ["", "Compile seconds: " + "; ".join(
         f"T={rec['num_tasks']}: " + ", ".join(f"{n} {v['compile_s']:.0f}"
                                               for n, v in rec["timing"].items())
-        for rec in result["cost"]), ""]
+        for rec in result["cost"]), "",
+        "Peak resident memory of the timing process: " + ", ".join(
+            f"T={rec['num_tasks']}: {rec['peak_rss_gb']:.1f} GB" for rec in result["cost"]), ""]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -318,7 +360,13 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "affinity_estimators"))
+    parser.add_argument("--cost-one", type=int, help=argparse.SUPPRESS)  # one T, JSON to stdout
     args = parser.parse_args(argv)
+    if args.cost_one:
+        print(json.dumps(cost_one(args.cost_one, tuple(args.cost_ks), image_size=args.image_size,
+                                  batch_size=args.batch_size, width=args.width,
+                                  repeats=args.repeats, budget_s=args.budget)))
+        return
     steps = 30 if args.quick else 300
     ks = tuple(args.ks)
     tasks = tuple(args.tasks[:2] if args.quick else args.tasks)
@@ -349,8 +397,13 @@ def main(argv=None) -> None:
               "config": vars(args), "accuracy": accuracy, "cost": cost}
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.with_suffix(".json").exists():  # keep the part that was skipped this time
+        old = json.loads(out.with_suffix(".json").read_text())
+        for part in ("accuracy", "cost"):
+            if not result[part]:
+                result[part] = old.get(part, [])
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    if cost and accuracy:
+    if result["cost"] and result["accuracy"]:
         write_markdown(result, out.with_suffix(".md"))
     print(f"wrote {out.with_suffix('.json')}")
 
