@@ -56,7 +56,8 @@ def exact_gram_affinity(loss_fn, shared, rest, batch):
 
 
 def rel_err(a, b):
-    return float(jnp.abs(a - b).max() / jnp.abs(b).max())
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 # ----------------------------------------------------------------------------- Taylor
@@ -99,6 +100,22 @@ def test_taylor_with_optimizer_update_matches_its_lookahead(x64):
     plain = est.taylor_affinity(loss_fn, shared, rest, batch, lr=lr)
     assert rel_err(got, exact) < 1e-3
     assert rel_err(plain, exact) > 0.1  # the momentum term matters
+
+
+def test_taylor_has_no_float32_cancellation():
+    """At TAG's lr = 5e-4 the exact lookahead's 1 - after / before loses precision in float32;
+    the Gram form does not."""
+    lr = 5e-4
+    with jax.enable_x64(True):
+        _, _, shared, rest, batch, loss_fn = mlp_problem()
+        ref = est.taylor_affinity(loss_fn, shared, rest, batch, lr=lr)
+        ref_exact = lookahead_affinity(loss_fn, shared, rest, batch, lr=lr)
+    to32 = functools.partial(jax.tree.map, lambda a: jnp.asarray(
+        a, jnp.float32 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype))
+    args = (loss_fn, to32(shared), to32(rest), to32(batch))
+    err_taylor = rel_err(est.taylor_affinity(*args, lr=lr), ref)
+    err_exact = rel_err(lookahead_affinity(*args, lr=lr), ref_exact)
+    assert err_taylor < 1e-5 < err_exact
 
 
 def test_taylor_rejects_bad_arguments(x64):
