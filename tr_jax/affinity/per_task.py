@@ -19,7 +19,7 @@ from tr_jax.affinity.strategy import Strategy, check_chunk_size, map_tasks, reso
 
 __all__ = ["LossFn", "PyTree", "assert_task_axis", "check_chunk_size", "check_losses",
            "check_shared", "map_tasks", "merge_params", "per_task_and_total_grads",
-           "per_task_grads", "select_like", "split_params"]
+           "per_task_grads", "pull_back_tasks", "select_like", "split_params"]
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, Any], jax.Array]
@@ -81,11 +81,18 @@ def per_task_grads(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, *,
     """
     check_shared(shared)
     losses, pullback = jax.vjp(lambda s: loss_fn(s, rest, batch), shared)
+    (grads,) = pull_back_tasks(pullback, losses, strategy, chunk_size)
+    return losses, grads
+
+
+def pull_back_tasks(pullback: Callable, losses: jax.Array, strategy: Strategy = "auto",
+                    chunk_size: int | None = None):
+    """``pullback`` (a VJP function of the (T,) loss vector) applied to the T one-hot
+    cotangents, run by ``strategy`` (resolved for backward passes); outputs stacked on a
+    leading T axis."""
     num_tasks = check_losses(losses)
     strategy, chunk_size = resolve_strategy(strategy, num_tasks, chunk_size, backward=True)
-    one_hots = jnp.eye(num_tasks, dtype=losses.dtype)
-    (grads,) = map_tasks(pullback, one_hots, strategy, chunk_size)
-    return losses, grads
+    return map_tasks(pullback, jnp.eye(num_tasks, dtype=losses.dtype), strategy, chunk_size)
 
 
 def per_task_and_total_grads(loss_fn: Callable[..., Any], shared: PyTree, rest: PyTree,
@@ -118,10 +125,7 @@ def per_task_and_total_grads(loss_fn: Callable[..., Any], shared: PyTree, rest: 
     check_shared(shared)
     out = jax.vjp(lambda s, r: loss_fn(s, r, batch), shared, rest, has_aux=has_aux)
     losses, pullback, aux = out if has_aux else (*out, None)
-    num_tasks = check_losses(losses)
-    strategy, chunk_size = resolve_strategy(strategy, num_tasks, chunk_size, backward=True)
-    one_hots = jnp.eye(num_tasks, dtype=losses.dtype)
-    grads = map_tasks(lambda e: pullback(e)[0], one_hots, strategy, chunk_size)
+    grads = pull_back_tasks(lambda e: pullback(e)[0], losses, strategy, chunk_size)
     rest_grad = pullback(jnp.ones_like(losses))[1]
     return losses, grads, rest_grad, aux
 
