@@ -19,4 +19,4 @@ test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 bench: setup
-	$(BIN)/python -m tr_jax bench all
+	$(BIN)/tr-jax bench peers

@@ -3,18 +3,23 @@
   tr-jax                                   quickstart: the task-grouping study on offline digits
   tr-jax train --config CONFIG.py[:ARG] [--config.field=value ...] [--workdir DIR] [--resume]
   tr-jax study --config CONFIG.py [--config.field=value ...] [--workdir DIR]
+  tr-jax affinity --config CONFIG.py [--method lookahead|cosine|taylor|sketch] [--workdir DIR]
+  tr-jax bench NAME [ARGS ...]              run benchmarks/NAME.py (source checkout) with ARGS
 """
 from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
 DEFAULT_CONFIG = REPO / "experiments" / "configs" / "digits.py"
 STUDY_CONFIG = REPO / "experiments" / "configs" / "study_digits.py"
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped by SIGTERM after saving a checkpoint
@@ -52,6 +57,53 @@ def _train(args, overrides) -> None:
     print(f"results and metrics written to {os.path.abspath(args.workdir)}")
 
 
+def _affinity(args, overrides) -> None:
+    from tr_jax.experiment import train_and_evaluate
+
+    config = load_config(args.config, overrides)
+    method = args.method or config.get("affinity") or "lookahead"
+    with config.unlocked():
+        config.affinity = method
+    result = train_and_evaluate(config, args.workdir, resume=args.resume)
+    if "affinity" not in result:
+        raise SystemExit("no affinity was measured: the run had no training step with "
+                         "affinity (check --config.affinity_every and the number of steps).")
+    print(format_affinity(np.asarray(result["affinity"]), tuple(result["task_names"]), method))
+    print(f"affinity.npy, affinity.json and affinity.png written to "
+          f"{os.path.abspath(args.workdir)}")
+
+
+def format_affinity(matrix: np.ndarray, task_names: tuple[str, ...], method: str,
+                    top: int = 5) -> str:
+    """A short text summary of a (T, T) run-averaged affinity (source i, target j): the
+    ``top`` most helpful and most harmful source -> target pairs."""
+    off = [(float(matrix[i, j]), i, j) for i in range(len(task_names))
+           for j in range(len(task_names)) if i != j]
+    off.sort()
+    lines = [f"mean {method} affinity over the run, {len(task_names)} tasks "
+             "(Z[i, j] > 0: a step on task i lowers task j's loss)"]
+    for title, pairs in (("most helpful", off[::-1][:top]), ("most harmful", off[:top])):
+        lines.append(f"  {title}:")
+        lines += [f"    {task_names[i]} -> {task_names[j]}: {z:+.4g}" for z, i, j in pairs]
+    return "\n".join(lines)
+
+
+def _runnable(script: Path) -> bool:
+    """A benchmark script (it has a ``__main__`` block), not a module benchmarks import."""
+    return 'if __name__ == "__main__":' in script.read_text()
+
+
+def _bench(args, rest) -> None:
+    script = BENCHMARKS / f"{args.name}.py"
+    available = sorted(p.stem for p in BENCHMARKS.glob("*.py") if _runnable(p))
+    if not script.is_file() or not _runnable(script):
+        listed = ", ".join(available) or ("none (benchmarks/ ships with the source checkout: "
+                                          "git clone the repository)")
+        raise SystemExit(f"no benchmark {args.name!r} in {BENCHMARKS}; available: {listed}.")
+    sys.argv = [str(script)] + rest
+    runpy.run_path(str(script), run_name="__main__")
+
+
 def _study(args, overrides) -> None:
     from tr_jax.study import format_study_table, run_study
 
@@ -75,6 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(STUDY_CONFIG), help="config file (get_config())")
     p.add_argument("--workdir", default="runs/study", help="where the study results go")
     p.set_defaults(func=_study)
+    p = sub.add_parser("affinity", help="train with the affinity on; write the mean matrix "
+                                        "(.npy, .json with task names) and a heatmap (.png)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (get_config())")
+    p.add_argument("--method", choices=("lookahead", "cosine", "taylor", "sketch"),
+                   help="affinity estimator (default: the config's, else lookahead)")
+    p.add_argument("--workdir", default="runs/affinity", help="where the matrix goes")
+    p.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoints")
+    p.set_defaults(func=_affinity)
+    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (e.g. peers, "
+                                     "affinity_cost, affinity_estimators); extra arguments go "
+                                     "to it (NAME --help lists them)")
+    p.add_argument("name", help="benchmark name: benchmarks/NAME.py")
+    p.set_defaults(func=_bench)
     return parser
 
 
@@ -84,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     if not argv:
         argv = ["study", "--workdir", "runs/quickstart"]
+    if argv[0] == "bench":      # everything after NAME belongs to the benchmark
+        args = parser.parse_args(argv[:2])
+        args.func(args, argv[2:])
+        return
     args, overrides = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()

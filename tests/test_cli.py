@@ -1,0 +1,64 @@
+"""Tests for the ``tr-jax affinity`` and ``tr-jax bench`` subcommands."""
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from tr_jax import cli
+from test_checkpoint import fast_prng_compiles  # noqa: F401 -- module-wide, autouse
+
+DIGITS = str(cli.DEFAULT_CONFIG)
+
+
+def test_affinity_command_writes_matrix_json_and_heatmap(tmp_path, capsys):
+    workdir = tmp_path / "aff"
+    cli.main(["affinity", "--config", DIGITS, "--method", "lookahead", "--workdir", str(workdir),
+              "--config.tasks=('even', 'prime', 'ge_5')", "--config.num_epochs=1",
+              "--config.mode=all_tasks", "--config.sharing=1.0", "--config.progress=False",
+              "--config.checkpoint_every_steps=0", "--config.affinity_every=4"])
+    matrix = np.load(workdir / "affinity.npy")
+    saved = json.loads((workdir / "affinity.json").read_text())
+    assert matrix.shape == (3, 3) and np.all(np.isfinite(matrix))
+    assert saved["task_names"] == ["even", "prime", "ge_5"]
+    np.testing.assert_allclose(np.asarray(saved["matrix"]), matrix, rtol=1e-6)
+    assert (workdir / "affinity.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "mean lookahead affinity over the run, 3 tasks" in out and "affinity.png" in out
+
+
+def test_format_affinity_ranks_source_target_pairs():
+    matrix = np.array([[9.0, 2.0, -1.0],
+                       [0.5, 9.0, -3.0],
+                       [1.0, 0.0, 9.0]])
+    text = cli.format_affinity(matrix, ("a", "b", "c"), "taylor", top=1)
+    helpful, harmful = text.split("most harmful")
+    assert "a -> b: +2" in helpful and "b -> c: -3" in harmful
+    assert "+9" not in text   # the diagonal (a task on itself) is left out
+
+
+def test_bench_runs_the_named_script_with_its_arguments(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["bench", "selection", "--help"])
+    assert stop.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_bench_unknown_name_lists_the_available_ones():
+    with pytest.raises(SystemExit, match="no benchmark 'nope'.*affinity_cost"):
+        cli.main(["bench", "nope"])
+
+
+def test_affinity_command_refuses_an_unknown_method():
+    with pytest.raises(SystemExit):
+        cli.main(["affinity", "--method", "hessian"])
+
+
+def test_benchmarks_directory_is_where_cli_looks():
+    assert (pathlib.Path(cli.BENCHMARKS) / "affinity_cost.py").is_file()
+
+
+def test_bench_does_not_offer_helper_modules():
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["bench", "jax_cases"])
+    assert "jax_cases" not in str(stop.value).split("available:")[1]
