@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 
 from tr_jax import routing
-from tr_jax.nn import Conv
+from tr_jax.nn import BatchNorm, Conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,6 @@ class ConvNormRoute(nn.Module):
         x = Conv(self.features, self.kernel_size, self.strides, use_bias=not self.batch_norm,
                  dtype=self.dtype, kernel_init=nn.initializers.he_normal())(x)
         if self.batch_norm:
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+            x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              dtype=self.dtype)(x)
         return maybe_route(self.routing, x, task)
