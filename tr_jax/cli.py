@@ -157,4 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command is None:
         parser.print_help()
         raise SystemExit(2)
+    from tr_jax.sharding import initialize_distributed
+
+    initialize_distributed()   # multi-host when JAX_COORDINATOR_ADDRESS etc. are set
     args.func(args, overrides)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from tr_jax import checkpoint, models, plots, train
+from tr_jax import checkpoint, models, plots, sharding, train
 from tr_jax.data import ArrayDataset, load_digits, task_subset
 from tr_jax.metrics import MetricWriter
 
@@ -112,9 +113,43 @@ def affinity_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if not config.get("affinity"):
         return {}
     return {"affinity": config.affinity, "affinity_every": config.get("affinity_every", 1),
+            "affinity_mode": config.get("affinity_mode") or "all_tasks",
             "lookahead": config.get("lookahead", "sgd"), "lr": config.learning_rate,
             "strategy": config.get("strategy", "auto"),
             "affinity_chunk_size": config.get("affinity_chunk_size") or None}
+
+
+Step = Any  # (state, batch) -> outputs
+
+
+def build_steps(config: ml_collections.ConfigDict, model: models.MultiTaskModel,
+                optimizer: optax.GradientTransformation,
+                sample: dict) -> tuple[train.TrainState, Step, Step]:
+    """The initial train state and the ``(state, batch)`` train and eval steps.
+
+    Without ``config.mesh`` they are jitted for the default device. With ``config.mesh =
+    {"data": d, "task": t}`` (0: the remaining devices, :func:`tr_jax.sharding.make_mesh`;
+    multi-host after :func:`tr_jax.sharding.initialize_distributed`) the state is created in
+    its shardings and the steps are jitted over the mesh (the lookahead affinity's source tasks
+    split over ``"task"``). Every process passes the same global batches; each feeds its own
+    rows. Eval batches are padded to a multiple of the data axis with masked-out rows, so the
+    counts are those of the unpadded batch.
+    """
+    key = jax.random.key(config.seed)
+    chunk_size = config.get("chunk_size") or None
+    step_kwargs = {"mode": config.mode, "chunk_size": chunk_size, **affinity_options(config)}
+    if not config.get("mesh"):
+        return (train.create_train_state(model, optimizer, key, sample),
+                train.make_train_step(model, optimizer, **step_kwargs),
+                train.make_eval_step(model, chunk_size=chunk_size))
+    mesh = sharding.mesh_from_config(config)
+    state = sharding.create_sharded_train_state(model, optimizer, key, sample, mesh)
+    sharded_train = sharding.shard_train_step(model, optimizer, mesh, state, **step_kwargs)
+    sharded_eval = sharding.shard_eval_step(model, mesh, state, chunk_size=chunk_size)
+    local = functools.partial(sharding.host_local_batch, mesh=mesh)
+    pad = functools.partial(sharding.pad_batch, multiple=mesh.shape[sharding.DATA])
+    return (state, lambda st, batch: sharded_train(st, local(batch)),
+            lambda st, batch: sharded_eval(st, local(pad(batch))))
 
 
 def save_affinity(workdir: str, matrix: np.ndarray, task_names: tuple[str, ...]) -> None:
@@ -174,11 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     model = build_model(config, t)
     optimizer = build_optimizer(config, steps_per_epoch)
     sample = next(dataset.batches("train", config.batch_size))
-    state = train.create_train_state(model, optimizer, jax.random.key(config.seed), sample)
-    train_step = train.make_train_step(model, optimizer, mode=config.mode,
-                                       chunk_size=config.get("chunk_size") or None,
-                                       **affinity_options(config))
-    eval_step = train.make_eval_step(model, chunk_size=config.get("chunk_size") or None)
+    state, train_step, eval_step = build_steps(config, model, optimizer, sample)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    checkpoint.fingerprint(
                                        model, state, dataset.task_names, seed=config.seed,

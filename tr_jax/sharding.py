@@ -294,6 +294,30 @@ def host_local_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, np.ndarr
     return {k: (np.asarray(v)[rows] if np.ndim(v) else v) for k, v in batch.items()}
 
 
+def pad_batch(batch: Mapping[str, Any], multiple: int) -> dict[str, np.ndarray]:
+    """The batch padded to a multiple of ``multiple`` rows that count in no metric.
+
+    Args:
+      batch: leaves (B, ...) with ``"labels"`` (B, T) and optionally ``"label_mask"`` (B, T).
+      multiple: e.g. the mesh's data axis size.
+
+    Returns:
+      leaves (B + p, ...), p = -B mod ``multiple``, the added rows copies of row 0; a
+      ``"label_mask"`` (B + p, T) that is 0 on the added rows (1 where the batch had none).
+    """
+    b = _batch_size(batch)
+    labels = np.asarray(batch["labels"])
+    out = dict(batch)
+    out["label_mask"] = np.asarray(batch.get("label_mask", np.ones(labels.shape, bool)))
+    pad = -b % multiple
+    if not pad:
+        return out
+    padded = {k: (np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[:1], pad, 0)])
+                  if np.ndim(v) else v) for k, v in out.items()}
+    padded["label_mask"][b:] = False
+    return padded
+
+
 def _batch_size(batch: Mapping[str, Any]) -> int:
     sizes = {np.shape(v)[0] for v in batch.values() if np.ndim(v)}
     if len(sizes) != 1:

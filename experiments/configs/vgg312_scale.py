@@ -12,7 +12,8 @@ offline). ``runlocal`` fabricates 312 binary tasks from the offline 8x8 digits: 
 "the digit is in subset S_k", 312 distinct random subsets of {0..9} (real images, made-up
 tasks; tasks that share digits should help each other).
 
-Launch (the scale driver; ``tr-jax train`` runs it once the lead wires config.mesh in):
+Launch (the scale driver: unlike ``tr-jax train``, it builds the fabricated runlocal tasks and
+deals balanced task ids):
   python benchmarks/scaling.py --scale experiments/configs/vgg312_scale.py:runlocal \
       --workdir runs/vgg312_local
   python benchmarks/scaling.py --scale experiments/configs/vgg312_scale.py \

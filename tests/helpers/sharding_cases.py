@@ -7,6 +7,7 @@ the assertions.
 """
 import json
 import sys
+import tempfile
 import time
 
 import jax
@@ -205,8 +206,28 @@ def error_case():
     return errors
 
 
+def experiment_case(out, workdir):
+    """tr_jax.experiment.train_and_evaluate on digits (4 tasks, per-example routing, lookahead
+    affinity every 5 steps, checkpoints) without a mesh and on a (data 4, task 2) mesh; the
+    eval batches of 100 leave a last one of 50 rows, not a multiple of 4 (padded)."""
+    from tr_jax import cli, experiment
+
+    config = cli.load_config(str(cli.DEFAULT_CONFIG), [
+        "--config.tasks=('even', 'prime', 'ge_5', 'square')", "--config.num_epochs=1",
+        "--config.progress=False", "--config.affinity=lookahead", "--config.affinity_every=5",
+        "--config.eval_batch_size=100", "--config.checkpoint_every_steps=10"])
+    for name, mesh in (("ref", None), ("4x2", {"data": 4, "task": 2})):
+        with config.unlocked():
+            config.mesh = mesh
+        result = experiment.train_and_evaluate(config, f"{workdir}/{name}")
+        out[f"exp/{name}/accuracy"] = np.asarray(result["accuracy"])
+        out[f"exp/{name}/affinity"] = np.asarray(result["affinity"])
+        out[f"exp/{name}/steps"] = np.asarray(result["steps"])
+
+
 def main(path):
     out = {}
+    experiment_case(out, tempfile.mkdtemp())
     t0 = time.process_time()
     train_case(out)
     t1 = time.process_time()
