@@ -2,6 +2,7 @@
 stopped-and-resumed training runs (in-process and a SIGTERM'd subprocess) against an
 uninterrupted run of the same config."""
 import functools
+import json
 import os
 import pathlib
 import shutil
@@ -16,6 +17,7 @@ import optax
 import pytest
 
 from tr_jax import checkpoint, cli, experiment, models, train
+from tr_jax.metrics import MetricWriter
 
 # One worker under `pytest -n 2 --dist loadgroup`: the module-scoped runs are made once.
 pytestmark = pytest.mark.xdist_group("checkpoint")
@@ -322,3 +324,17 @@ def test_sigterm_to_the_cli_saves_and_resume_finishes_the_run(straight, tmp_path
     got = final_state(workdir)
     assert got.step == EPOCHS * 10
     assert_bitwise_equal(got.state, straight[1].state)
+
+
+def test_resumed_run_logs_each_step_once(tmp_path):
+    # The stopped run logged steps 4 and 5 after its last checkpoint (step 3); the resumed
+    # run logs them again, so the writer drops the stale records first.
+    writer = MetricWriter(str(tmp_path), tensorboard=False)
+    for step in range(1, 6):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    writer = MetricWriter(str(tmp_path), tensorboard=False, resume_step=3)
+    writer.write(4, {"loss": -4.0})
+    writer.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, -4.0)]

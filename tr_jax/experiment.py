@@ -229,7 +229,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     total_steps = config.num_epochs * steps_per_epoch
     # Exiting the `with` waits for pending checkpoint saves, also on errors: after a
     # non-finite loss or SIGTERM the newest checkpoint on disk is the last good step.
-    with ckpt, contextlib.closing(MetricWriter(workdir)) as writer, tqdm(
+    with ckpt, contextlib.closing(
+            MetricWriter(workdir, resume_step=int(state.step) if resume else None)) as writer, tqdm(
             total=total_steps, initial=int(state.step), desc=f"{config.model} {config.mode}",
             unit="step",
             disable=jax.process_index() != 0 or not config.get("progress", True)) as bar:

@@ -21,18 +21,29 @@ class MetricWriter:
     Args:
       workdir: run directory.
       tensorboard: also write TensorBoard event files (tensorboardX).
+      resume_step: the step a resumed run restarts from: records of later steps (logged
+        after the checkpoint by the stopped run, and about to be logged again) are dropped
+        from ``metrics.jsonl`` and purged from TensorBoard, so every step appears once.
+        None: append.
     """
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    def __init__(self, workdir: str, tensorboard: bool = True, resume_step: int | None = None):
         self.active = jax.process_index() == 0
         self._tb = None
         if not self.active:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        self._file = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                     purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Writes one record; array-valued metrics go to JSON only."""
