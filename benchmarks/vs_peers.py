@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per case and round")
     ap.add_argument("--slow-steps", type=int, default=2, help="timed steps for TAG T=40")
-    ap.add_argument("--rows", default="all", help=f"comma-separated keys of {[r.key for r in ROWS]}")
+    ap.add_argument("--rows", default="all",
+                    help=f"comma-separated keys of {[r.key for r in ROWS]}")
     ap.add_argument("--anchors", type=pathlib.Path, default=ANCHORS)
     ap.add_argument("--torch-python", default=str(PEER_ENVS / "torch" / "bin" / "python"))
     ap.add_argument("--tf-python", default=str(PEER_ENVS / "tf" / "bin" / "python"))

@@ -333,3 +333,25 @@ def test_planted_groups_are_recovered_by_every_estimator():
     assert chosen["exact"] == {(0, 1, 2), (3, 4, 5), (6, 7, 8)}
     for name, groups in chosen.items():
         assert groups == chosen["exact"], name
+
+
+def test_train_step_measures_representation_affinity():
+    from tr_jax import train
+
+    model = SmallCNN(num_tasks=4, widths=(4, 8))
+    x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1))
+    batch = {"image": x,
+             "labels": jax.random.bernoulli(jax.random.key(1), 0.5, (6, 4)).astype(jnp.int32)}
+    opt = optax.sgd(0.1)
+    state = train.create_train_state(model, opt, jax.random.key(2), batch)
+    want = est.model_representation_affinity(model, state.variables, batch, lr=0.1)
+    step = train.make_train_step(model, opt, affinity="representation", lr=0.1)
+    plain = train.make_train_step(model, opt)
+    new, metrics = step(state, batch)
+    ref, _ = plain(train.create_train_state(model, opt, jax.random.key(2), batch), batch)
+    np.testing.assert_allclose(metrics["affinity"], want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(train.mean_affinity(new), want, rtol=1e-5, atol=1e-7)
+    jax.tree.map(np.testing.assert_allclose, new.params, ref.params)  # the update is unchanged
+    with pytest.raises(ValueError, match="routed"):
+        train.make_train_step(SmallCNN(num_tasks=4, sharing=0.5), opt,
+                              affinity="representation", lr=0.1)

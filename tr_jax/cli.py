@@ -3,7 +3,7 @@
   tr-jax                                   quickstart: the task-grouping study on offline digits
   tr-jax train --config CONFIG.py[:ARG] [--config.field=value ...] [--workdir DIR] [--resume]
   tr-jax study --config CONFIG.py [--config.field=value ...] [--workdir DIR]
-  tr-jax affinity --config CONFIG.py [--method lookahead|cosine|taylor|sketch] [--workdir DIR]
+  tr-jax affinity --config CONFIG.py [--method lookahead|taylor|...] [--workdir DIR]
   tr-jax bench NAME [ARGS ...]              run benchmarks/NAME.py (source checkout) with ARGS
 """
 from __future__ import annotations
@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("affinity", help="train with the affinity on; write the mean matrix "
                                         "(.npy, .json with task names) and a heatmap (.png)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (get_config())")
-    p.add_argument("--method", choices=("lookahead", "cosine", "taylor", "sketch"),
+    p.add_argument("--method", choices=("lookahead", "cosine", "taylor", "sketch",
+                                             "representation"),
                    help="affinity estimator (default: the config's, else lookahead)")
     p.add_argument("--workdir", default="runs/affinity", help="where the matrix goes")
     p.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoints")

@@ -63,6 +63,9 @@ def _sketch(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk
 # name -> fn(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size) -> (T, T)
 AFFINITIES: dict[str, Callable[..., jax.Array]] = {
     "lookahead": _lookahead, "cosine": _cosine, "taylor": _taylor, "sketch": _sketch}
+# Needs the model's structure (encoder output, heads) rather than a loss_fn: measured by
+# estimators.model_representation_affinity on the step's variables; unrouted models only.
+REPRESENTATION = "representation"
 Metrics = dict[str, jax.Array]
 
 
@@ -204,7 +207,9 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
       mode: ``"task_per_batch"``, ``"per_example"`` or ``"all_tasks"``.
       chunk_size: tasks per vmapped chunk in all-tasks forwards of routed models.
       affinity: None, or one of :data:`AFFINITIES`: ``"lookahead"`` (TAG), ``"cosine"``
-        (gradient cosine similarity), ``"taylor"`` / ``"sketch"`` (first-order estimators).
+        (gradient cosine similarity), ``"taylor"`` / ``"sketch"`` (first-order estimators),
+        or ``"representation"`` (first-order at the encoder's output, unrouted models only;
+        ``lookahead``, ``strategy`` and ``affinity_mode`` do not apply to it).
       affinity_every: measure every k-th step (official CelebA: 1; Taskonomy: 10).
       lookahead: ``"sgd"`` (Δ_i = lr g_i) or ``"optimizer"`` (the optimizer's own step from
         g_i alone at its current state, e.g. SGD momentum as in the official CelebA code).
@@ -230,9 +235,11 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}.")
     if affinity is not None:
-        if affinity not in AFFINITIES:
+        if affinity not in AFFINITIES and affinity != REPRESENTATION:
             raise ValueError(f"affinity={affinity!r} is unknown; use None or one of "
-                             f"{sorted(AFFINITIES)}.")
+                             f"{sorted([*AFFINITIES, REPRESENTATION])}.")
+        if affinity == REPRESENTATION and affinity_fn is None:
+            estimators.model_representation(model)   # raises for routed models
         if lookahead not in LOOKAHEADS:
             raise ValueError(f"lookahead={lookahead!r} is unknown; use one of {LOOKAHEADS}.")
         if lr is None or not lr > 0:
@@ -251,6 +258,9 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
         return total, (per_task, new_stats)
 
     def measure(state: TrainState, batch: dict) -> jax.Array:
+        if affinity == REPRESENTATION and affinity_fn is None:
+            return estimators.model_representation_affinity(
+                model, state.variables, batch, lr=lr).astype(jnp.float32)
         shared, rest = affinity_lib.split_params(state.params, SHARED)
         others = {k: v for k, v in state.variables.items() if k != "params"}
 

@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lr_decay_epochs = 15       # halve the learning rate every 15 epochs
     c.lr_decay = 0.5             # decay factor
     c.early_stop_patience = 10   # epochs without validation improvement before stopping
-    c.affinity = "lookahead"     # TAG lookahead affinity (None: off; cosine|taylor|sketch)
+    c.affinity = "lookahead"     # TAG lookahead (None: off; cosine|taylor|sketch|representation)
     c.affinity_every = 1         # measure at every step, as the official CelebA code
     c.lookahead = "optimizer"    # Δ_i = the optimizer's own step (SGD momentum) | "sgd": lr g_i
     c.strategy = "auto"          # how the T lookahead forwards run (vmap|unrolled|chunked|auto)

@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 20       # metrics.jsonl cadence
     c.eval_batch_size = 450      # test batch size
     c.progress = True            # tqdm progress bar
-    c.affinity = ""              # "" (off) | lookahead | cosine | taylor | sketch
+    c.affinity = ""              # "" (off) | lookahead | cosine | taylor | sketch | representation
     c.affinity_every = 1         # measure affinity every k-th step
     c.lookahead = "sgd"          # lookahead step: sgd (lr * g_i) | optimizer (the optimizer's own)
     c.checkpoint_every_steps = 100  # Orbax checkpoint cadence (0: off); also at the end/SIGTERM
