@@ -1,17 +1,17 @@
 """How the T per-task computations of an affinity run inside one jit: the strategies.
 
-Measured on XLA:CPU (2 cores; the TAG CelebA encoder, 64x64, batch 64, T = 9;
-``benchmarks/results/affinity_cost.md``):
+Measured on XLA:CPU (2 cores; the TAG CelebA encoder, 64x64, batch 64; whole TAG step /
+plain step, ``benchmarks/results/affinity_cost.md``):
 
-- Lookahead forwards: a loop (``jax.lax.map``, one task per iteration) beat a Python loop
-  unrolled into the jit (1.6 s vs 2.5 s) and full ``vmap`` (10.2 s: per-task kernels become
-  grouped convolutions); vmapped chunks inside the loop were slower again (chunks of 3:
-  6.6 s). The loop also keeps compile time independent of T.
-- Per-task backward passes: unrolled beat ``vmap`` 2.8x (17.6 s vs 48.4 s) and used 3.4x
-  less memory (1.9 GB vs 6.3 GB peak); inside a ``jax.lax.map`` loop XLA:CPU leaves the
-  transposed (gradient) convolutions in a non-canonical layout that it runs with a naive
-  kernel, 50-200x slower (a single 64x64-channel conv's kernel gradient: 215 s in a loop vs
-  0.95 s unrolled), so on CPU the backward passes are unrolled whatever the forward strategy.
+- T = 9: backward and forward ``"unrolled"`` 6.4x, ``"auto"`` (below) 7.4x, ``"chunked"``
+  (vmapped chunks of 3) 11x, full ``"vmap"`` 18x with 5.3 GB peak instead of 1.1-1.2 GB:
+  vmapping per-task weights turns the lookahead's convolutions into grouped convolutions,
+  which XLA:CPU runs slowly. T = 40: ``"auto"`` 28x, ``"unrolled"`` 29x, a Python loop over
+  jitted pieces 52x. ``"auto"`` and ``"unrolled"`` are within this shared machine's noise.
+- Per-task backward passes: inside a ``jax.lax.map`` loop XLA:CPU leaves the transposed
+  (gradient) convolutions in a non-canonical layout that it runs with a naive kernel, 50-200x
+  slower (a probe: one 64x64-channel conv's kernel gradient took 215 s in a loop vs 0.95 s
+  unrolled), so on CPU the backward passes are unrolled whatever the forward strategy.
 
 On GPU/TPU ``vmap`` is the natural choice; chunks bound memory at large T.
 """
