@@ -1,6 +1,9 @@
 """tr_jax.nn.conv: every lowering equals flax.linen.Conv (forward and gradients), float32 and
-float64, over map sizes 1x1 .. 9x9 (incl. 2x2), kernels, strides and paddings; the "auto"
-choice and its overrides."""
+float64, over map sizes 1x1 .. 9x9 (incl. 2x2), kernels, strides and paddings (winograd: the
+3x3 stride-1 cases); forward-mode and nested derivatives; the "auto" choice and its
+overrides."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,7 +12,7 @@ import pytest
 
 from tr_jax.nn import conv as conv_lib
 
-LOWERINGS = ("xla", "im2col")
+LOWERINGS = ("xla", "im2col", "winograd")
 # (input H, W), kernel, strides, padding
 CASES = [
     ((1, 1), (3, 3), (1, 1), "SAME"),
@@ -23,7 +26,14 @@ CASES = [
     ((4, 4), (7, 7), (2, 2), "SAME"),
     ((3, 3), (3, 3), (1, 1), 1),
     ((8, 8), (3, 3), (1, 1), "SAME_LOWER"),
+    ((5, 6), (3, 3), (1, 1), ((2, 0), (0, 1))),
 ]
+
+
+def _lowerings(kernel, strides):
+    """The lowerings that compute this convolution (winograd: 3x3 stride 1 only)."""
+    return [low for low in LOWERINGS
+            if low != "winograd" or conv_lib.winograd_applies(kernel, strides)]
 
 
 @pytest.fixture
@@ -49,7 +59,8 @@ def _compare_all_cases(cases, dtype, rtol, atol, grad_rtol):
                 params = {**params, "bias": jax.random.normal(jax.random.key(200 + i), (4,),
                                                               dtype)}
             mine = {low: conv_lib.Conv(4, kernel, strides, padding, use_bias=use_bias,
-                                       param_dtype=dtype, lowering=low) for low in LOWERINGS}
+                                       param_dtype=dtype, lowering=low)
+                    for low in _lowerings(kernel, strides)}
             runs.append((f"case {cases[i]} bias={use_bias}", ref, mine, params, x))
 
     @jax.jit
@@ -64,9 +75,9 @@ def _compare_all_cases(cases, dtype, rtol, atol, grad_rtol):
         return out
 
     results = evaluate([(params, x) for _, _, _, params, x in runs])
-    for (label, *_), res in zip(runs, results):
+    for (label, _, mine, _, _), res in zip(runs, results):
         y_ref, g_ref = res["flax"]
-        for low in LOWERINGS:
+        for low in mine:
             y, g = res[low]
             assert y.dtype == dtype, label
             np.testing.assert_allclose(y, y_ref, rtol=rtol, atol=atol, err_msg=f"{label} {low}")
@@ -81,6 +92,32 @@ def test_matches_flax_conv_float32():
 
 def test_matches_flax_conv_float64(x64):
     _compare_all_cases(CASES[1:6], jnp.float64, rtol=1e-12, atol=1e-12, grad_rtol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_forward_mode_and_nested_derivatives_match_flax(dtype, x64):
+    """jvp and forward-over-forward (what tr_jax.affinity.estimators run) of each lowering,
+    along parameter and input directions, equal flax.linen.Conv's (a 3x3 stride-1 layer, so
+    that winograd's custom JVP is exercised)."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 5), dtype)
+    ref = nn.Conv(4, (3, 3), param_dtype=dtype)
+    params = ref.init(jax.random.key(1), x)["params"]
+    dp = jax.tree.map(lambda a: jax.random.normal(jax.random.key(2), a.shape, a.dtype), params)
+    dx = jax.random.normal(jax.random.key(3), x.shape, dtype)
+
+    def derivatives(module):
+        loss = functools.partial(_loss, module)
+        first = jax.jvp(loss, (params, x), (dp, dx))[1]
+        nested = jax.jvp(lambda p: jax.jvp(lambda q: loss(q, x), (p,), (dp,))[1],
+                         (params,), (dp,))[1]
+        return first, nested
+
+    want = jax.jit(lambda: derivatives(ref))()
+    rtol = 1e-4 if dtype == jnp.float32 else 1e-11
+    for low in LOWERINGS:
+        got = jax.jit(lambda low=low: derivatives(
+            conv_lib.Conv(4, (3, 3), param_dtype=dtype, lowering=low)))()
+        np.testing.assert_allclose(got, want, rtol=rtol, err_msg=low)
 
 
 def test_params_match_flax_conv():
@@ -109,9 +146,19 @@ def test_auto_picks_im2col_for_small_maps_on_cpu(monkeypatch):
     side = int(np.sqrt(area))
     assert conv_lib.resolve_lowering("auto", (32, 2, 2, 512), (3, 3, 512, 512)) == "im2col"
     assert conv_lib.resolve_lowering("auto", (32, side, side, 8), (3, 3, 8, 8)) == "im2col"
-    assert conv_lib.resolve_lowering("auto", (32, 2 * side, 2 * side, 8), (3, 3, 8, 8)) == "xla"
     # the output map decides: a stride-2 conv on an 8x8 map has a 4x4 output
     assert conv_lib.resolve_lowering("auto", (32, 8, 8, 8), (3, 3, 8, 8), (2, 2)) == "im2col"
+
+
+def test_auto_picks_winograd_for_3x3_stride_1_on_mid_maps_on_cpu(monkeypatch):
+    monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
+    side = int(np.sqrt(conv_lib.WINOGRAD_MAX_AREA))
+    assert side * side > conv_lib.IM2COL_MAX_AREA
+    assert conv_lib.resolve_lowering("auto", (32, side, side, 8), (3, 3, 8, 8)) == "winograd"
+    assert conv_lib.resolve_lowering("auto", (32, 2 * side, 2 * side, 8), (3, 3, 8, 8)) == "xla"
+    assert conv_lib.resolve_lowering("auto", (32, side, side, 8), (1, 1, 8, 8)) == "xla"
+    assert conv_lib.resolve_lowering("auto", (32, 2 * side, 2 * side, 8), (3, 3, 8, 8),
+                                     (2, 2)) == "xla"
 
 
 def test_auto_is_xla_off_cpu(monkeypatch):
@@ -126,6 +173,10 @@ def test_env_var_overrides_auto_but_not_an_explicit_choice(monkeypatch):
     assert conv_lib.resolve_lowering("im2col", (32, 2, 2, 8), (3, 3, 8, 8)) == "im2col"
     monkeypatch.setenv(conv_lib.ENV_VAR, "IM2COL")
     assert conv_lib.resolve_lowering("auto", (32, 64, 64, 8), (3, 3, 8, 8)) == "im2col"
+    monkeypatch.setenv(conv_lib.ENV_VAR, "winograd")  # where it applies; "auto" elsewhere
+    assert conv_lib.resolve_lowering("auto", (32, 64, 64, 8), (3, 3, 8, 8)) == "winograd"
+    assert conv_lib.resolve_lowering("auto", (32, 2, 2, 8), (1, 1, 8, 8)) == "im2col"
+    assert conv_lib.resolve_lowering("auto", (32, 64, 64, 8), (3, 3, 8, 8), (2, 2)) == "xla"
     monkeypatch.setenv(conv_lib.ENV_VAR, "fast")
     with pytest.raises(ValueError, match=conv_lib.ENV_VAR):
         conv_lib.resolve_lowering("auto", (32, 2, 2, 8), (3, 3, 8, 8))
@@ -139,5 +190,9 @@ def test_bad_arguments_raise_clear_errors():
         conv_lib.conv2d(x, jnp.ones((3, 3, 5, 2)))
     with pytest.raises(ValueError, match="does not fit"):
         conv_lib.im2col_conv(jnp.ones((1, 2, 2, 3)), jnp.ones((5, 5, 3, 2)), padding="VALID")
+    with pytest.raises(ValueError, match="3x3 stride-1"):
+        conv_lib.conv2d(x, k, (2, 2), lowering="winograd")
+    with pytest.raises(ValueError, match="does not fit"):
+        conv_lib.conv2d(jnp.ones((1, 1, 1, 3)), k, padding="VALID", lowering="winograd")
     with pytest.raises(ValueError, match="padding"):
         conv_lib.conv2d(x, k, padding=((1, 1), (1, 1), (1, 1)))
