@@ -2,9 +2,10 @@
 gives the parameters plain Flax layers give.
 
 Each model is trained for a few steps from the same seed twice: with the default
-(backend-aware) layers, and with plain ``lax.conv`` (``TR_JAX_CONV_LOWERING=xla``),
-``flax.linen.max_pool`` and ``flax.linen.BatchNorm`` patched into the backbones. The runs are in float64, where the two
-agree to ~1e-15: in float32 the summation-order differences of the lowerings (~1e-7) are
+(backend-aware) layers (im2col, winograd, the folded BatchNorm), and with plain ``lax.conv``
+(``TR_JAX_CONV_LOWERING=xla``), ``flax.linen.max_pool`` and ``flax.linen.BatchNorm`` patched
+into the backbones. The runs are in float64, where the two agree to ~1e-15: in float32 the
+rounding differences of the lowerings (~1e-7) are
 amplified by a few SGD-momentum steps through BatchNorm over tiny maps to ~1e-4, which would
 hide a real bug behind a loose tolerance.
 """

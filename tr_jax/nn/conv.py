@@ -7,7 +7,8 @@ lowering runs.
 Three lowerings compute the same convolution (equal up to float rounding):
 
 * ``"xla"`` -- ``lax.conv_general_dilated``: what ``flax.linen.Conv`` runs. The right choice
-  on GPU and TPU, and on CPU for maps of 8x8 and larger.
+  on GPU and TPU, and on CPU for maps larger than 8x8 (and for 8x8 maps whose kernel is not
+  3x3 stride 1).
 * ``"im2col"`` -- patches + one matrix product: the input is padded, the kh*kw shifted
   (strided) windows are concatenated along channels into (B, H', W', kh*kw*Cin) and
   contracted with the kernel reshaped to (kh*kw*Cin, Cout). XLA:CPU runs a 3x3 conv on a 2x2
@@ -23,11 +24,12 @@ Three lowerings compute the same convolution (equal up to float rounding):
 ``lowering="auto"`` (the default) picks per call, at trace time: ``"xla"`` off CPU; on CPU
 ``"im2col"`` when the output map has at most :data:`IM2COL_MAX_AREA` positions, else
 ``"winograd"`` for a 3x3 stride-1 kernel whose output map has at most
-:data:`WINOGRAD_MAX_AREA` positions, else ``"xla"``. Override it per layer (``Conv(lowering=...)``, ``conv2d(lowering=...)``) or for the
-whole process with the environment variable ``TR_JAX_CONV_LOWERING`` (``auto``, ``xla``,
-``im2col`` or ``winograd``; ``winograd`` applies to 3x3 stride-1 layers, the others keep
-``auto``), which applies where a layer leaves ``lowering`` at ``"auto"``. The measurements
-behind the threshold are in ``benchmarks/results/perf_notes.md``.
+:data:`WINOGRAD_MAX_AREA` positions, else ``"xla"``. Override it per layer
+(``Conv(lowering=...)``, ``conv2d(lowering=...)``) or for the whole process with the
+environment variable ``TR_JAX_CONV_LOWERING`` (``auto``, ``xla``, ``im2col`` or ``winograd``;
+``winograd`` applies to 3x3 stride-1 layers, the others keep ``auto``), which applies where a
+layer leaves ``lowering`` at ``"auto"``. The measurements
+behind the thresholds are in ``benchmarks/results/perf_notes.md``.
 """
 from __future__ import annotations
 
