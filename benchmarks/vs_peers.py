@@ -146,11 +146,12 @@ def markdown(summary: list[dict], info: dict) -> str:
              f"({info['date']}, load average at the start {info['load_avg'][0]:.1f}). "
              "ms = median over rounds of each round's median step; ratio = median over "
              "rounds of tr_jax / peer measured in the same round. Target: ratio <= 1.0.", "",
-             "| case | peer | peer ms | tr_jax ms | tr_jax / peer | tr_jax compile s |",
-             "|---|---|---|---|---|---|"]
+             "| case | peer | peer ms | tr_jax ms | tr_jax / peer | per round | tr_jax compile s |",
+             "|---|---|---|---|---|---|---|"]
     for s in summary:
+        rounds = " ".join(f"{m / p:.2f}" for m, p in zip(s["jax_ms_rounds"], s["peer_ms_rounds"]))
         lines.append(f"| {s['label']} | {s['framework']} | {s['peer_ms']:.0f} | "
-                     f"{s['jax_ms']:.0f} | {s['ratio']:.2f} | {s['compile_s']:.0f} |")
+                     f"{s['jax_ms']:.0f} | {s['ratio']:.2f} | {rounds} | {s['compile_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
