@@ -103,6 +103,20 @@ def test_affinity_step_makes_the_same_update_as_the_plain_step(digits):
     np.testing.assert_allclose(train.mean_affinity(s_tag), s_tag.affinity_sum / 2)
 
 
+def test_affinity_at_every_step_compiles_without_a_conditional(digits):
+    # XLA:CPU runs gradient convolutions inside a conditional with slow generic kernels, so
+    # affinity_every=1 must not put the measurement in a lax.cond; k > 1 needs one.
+    model = models.MLP(num_tasks=18, hidden=(16,))
+    tx = optax.sgd(0.05)
+    batch = next(digits.batches("train", 32))
+    state = _state(model, tx, batch)
+    for every, conditional in ((1, False), (3, True)):
+        step = train.make_train_step(model, tx, affinity="lookahead", lr=0.05,
+                                     affinity_every=every, jit=False)
+        hlo = jax.jit(step).lower(state, batch).as_text()
+        assert ("stablehlo.case" in hlo) == conditional, every
+
+
 def test_bad_batches_and_options_are_clear_errors(digits):
     batch = next(digits.batches("train", 8))
     with pytest.raises(ValueError, match=r"labels'\] must have shape \(B, T\) = \(8, 18\)"):

@@ -210,7 +210,10 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
         (gradient cosine similarity), ``"taylor"`` / ``"sketch"`` (first-order estimators),
         or ``"representation"`` (first-order at the encoder's output, unrouted models only;
         ``lookahead``, ``strategy`` and ``affinity_mode`` do not apply to it).
-      affinity_every: measure every k-th step (official CelebA: 1; Taskonomy: 10).
+      affinity_every: measure every k-th step (official CelebA: 1; Taskonomy: 10). With k > 1
+        the measurement sits in a ``jax.lax.cond``; XLA:CPU runs the gradient convolutions
+        inside a conditional with slow generic kernels (a TAG CelebA step at T = 9 took
+        minutes instead of 4 s), so on CPU prefer k = 1, which has no conditional.
       lookahead: ``"sgd"`` (Δ_i = lr g_i) or ``"optimizer"`` (the optimizer's own step from
         g_i alone at its current state, e.g. SGD momentum as in the official CelebA code).
       lr: learning rate that normalizes Z (and the ``"sgd"`` lookahead step); required with
@@ -283,9 +286,12 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
     def step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
         metrics = {}
         if affinity is not None:
-            measured = state.step % affinity_every == 0
-            z = jax.lax.cond(measured, measure, lambda *_: jnp.zeros_like(state.affinity_sum),
-                             state, batch)
+            if affinity_every == 1:   # no conditional: see the note on affinity_every
+                measured, z = jnp.bool_(True), measure(state, batch)
+            else:
+                measured = state.step % affinity_every == 0
+                z = jax.lax.cond(measured, measure,
+                                 lambda *_: jnp.zeros_like(state.affinity_sum), state, batch)
             state = state.replace(affinity_sum=state.affinity_sum + z,
                                   affinity_count=state.affinity_count + measured)
             metrics.update(affinity=z, affinity_measured=measured)
