@@ -40,10 +40,9 @@ import jax.flatten_util
 import jax.numpy as jnp
 
 from tr_jax import losses as losses_lib
-from tr_jax.affinity.lookahead import (Strategy, UpdateFn, check_lr, resolve_strategy,
-                                       strategy_grads)
+from tr_jax.affinity.lookahead import Strategy, UpdateFn, check_lr, resolve_strategy
 from tr_jax.affinity.per_task import (LossFn, PyTree, assert_task_axis, check_losses,
-                                      check_shared, map_tasks)
+                                      check_shared, map_tasks, per_task_grads)
 from tr_jax.models import MultiTaskModel
 from tr_jax.models.heads import MultiTaskHead
 
@@ -146,7 +145,8 @@ def taylor_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, *
     if order not in (1, 2):
         raise ValueError(f"order must be 1 (gradient Gram) or 2 (+ curvature), got {order!r}.")
     if losses_and_grads is None:
-        losses_and_grads = strategy_grads(loss_fn, shared, rest, batch, strategy, chunk_size)
+        losses_and_grads = per_task_grads(loss_fn, shared, rest, batch, strategy=strategy,
+                                          chunk_size=chunk_size)
     losses, grads = losses_and_grads
     assert_task_axis(grads, shared, check_losses(losses))
     steps = jax.tree.map(lambda g: lr * g, grads) if update_fn is None else jax.vmap(update_fn)(

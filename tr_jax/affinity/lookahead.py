@@ -24,8 +24,7 @@ from tr_jax.affinity.per_task import (LossFn, PyTree, assert_task_axis, check_lo
 from tr_jax.affinity.strategy import Strategy, map_tasks, resolve_strategy
 
 __all__ = ["Strategy", "UpdateFn", "affinity_from_losses", "check_lr", "lookahead_affinity",
-           "lookahead_losses", "optax_lookahead", "resolve_strategy", "sgd_update",
-           "strategy_grads"]
+           "lookahead_losses", "optax_lookahead", "resolve_strategy", "sgd_update"]
 
 UpdateFn = Callable[[PyTree], PyTree]
 
@@ -81,14 +80,6 @@ def optax_lookahead(tx: optax.GradientTransformation, opt_state: optax.OptState,
         return jax.tree.map(jnp.negative, updates)
 
     return update_fn
-
-
-def strategy_grads(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any,
-                   strategy: Strategy = "auto", chunk_size: int | None = None
-                   ) -> tuple[jax.Array, PyTree]:
-    """:func:`per_task_grads` run by the same ``strategy`` / ``chunk_size`` as the forwards
-    (resolved for backward passes: see :func:`resolve_strategy`)."""
-    return per_task_grads(loss_fn, shared, rest, batch, strategy=strategy, chunk_size=chunk_size)
 
 
 def lookahead_losses(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any,
@@ -165,7 +156,8 @@ def lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any
     check_lr(lr)
     check_shared(shared)
     if losses_and_grads is None:
-        losses_and_grads = strategy_grads(loss_fn, shared, rest, batch, strategy, chunk_size)
+        losses_and_grads = per_task_grads(loss_fn, shared, rest, batch, strategy=strategy,
+                                          chunk_size=chunk_size)
     losses, grads = losses_and_grads
     assert_task_axis(grads, shared, check_losses(losses))
     after = lookahead_losses(loss_fn, shared, rest, batch, grads,

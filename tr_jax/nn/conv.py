@@ -86,7 +86,9 @@ def explicit_padding(padding: Padding, in_hw: Sequence[int], kernel_hw: Sequence
     return tuple((int(lo), int(hi)) for lo, hi in pads)
 
 
-def _output_hw(in_hw, kernel_hw, strides, pads) -> tuple[int, int]:
+def output_hw(in_hw: Sequence[int], kernel_hw: Sequence[int], strides: Sequence[int],
+              pads: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """(H', W') of a window op (conv, pool) over ``in_hw`` with explicit ``pads``."""
     return tuple((n + lo + hi - k) // s + 1
                  for n, k, s, (lo, hi) in zip(in_hw, kernel_hw, strides, pads))
 
@@ -116,7 +118,7 @@ def resolve_lowering(lowering: str, x_shape: Sequence[int], kernel_shape: Sequen
     if jax.default_backend() != "cpu":
         return "xla"
     pads = explicit_padding(padding, x_shape[1:3], kernel_shape[:2], strides)
-    ho, wo = _output_hw(x_shape[1:3], kernel_shape[:2], strides, pads)
+    ho, wo = output_hw(x_shape[1:3], kernel_shape[:2], strides, pads)
     if ho * wo <= IM2COL_MAX_AREA:
         return "im2col"
     if ho * wo <= WINOGRAD_MAX_AREA and winograd_applies(kernel_shape, strides):
@@ -140,7 +142,7 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1)
     kh, kw, cin, cout = kernel.shape
     sh, sw = strides
     pads = explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
-    ho, wo = _output_hw(x.shape[1:3], (kh, kw), strides, pads)
+    ho, wo = output_hw(x.shape[1:3], (kh, kw), strides, pads)
     if ho < 1 or wo < 1:
         raise ValueError(f"kernel {(kh, kw)} with padding {pads} does not fit input map "
                          f"{x.shape[1:3]}.")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tr_jax.nn.conv import Padding, explicit_padding
+from tr_jax.nn.conv import Padding, explicit_padding, output_hw
 
 
 def _window_slice(a: jax.Array, axis: int, offset: int, stride: int, out_len: int,
@@ -101,8 +101,7 @@ def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] |
     window = tuple(int(k) for k in window_shape)
     strides = (1, 1) if strides is None else tuple(int(s) for s in strides)
     pads = explicit_padding(padding, x.shape[1:3], window, strides)
-    out_hw = tuple((n + lo + hi - k) // s + 1
-                   for n, k, s, (lo, hi) in zip(x.shape[1:3], window, strides, pads))
+    out_hw = output_hw(x.shape[1:3], window, strides, pads)
     if min(out_hw) < 1:
         raise ValueError(f"window {window} with padding {pads} does not fit the map "
                          f"{x.shape[1:3]}.")
