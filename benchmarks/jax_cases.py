@@ -50,18 +50,19 @@ def _stepper(step, state, batch: dict, next_task: Callable[[int], dict]) -> Call
     return run
 
 
-def tr_train(hw: int, num_tasks: int, per_example: bool, seed: int = 0) -> Callable[[], None]:
-    """Routed VGG-11-BN train step (batch 32, SGD momentum 0.9)."""
-    model = models.RoutedVGG(num_tasks=num_tasks, sharing=0.5, batch_norm=True)
+def tr_train(hw: int, num_tasks: int, per_example: bool, seed: int = 0, *,
+             sharing: float | None = 0.5, batch_size: int = TR_BATCH) -> Callable[[], None]:
+    """VGG-11-BN train step (SGD momentum 0.9), routed with ``sharing`` (None: unrouted)."""
+    model = models.RoutedVGG(num_tasks=num_tasks, sharing=sharing, batch_norm=True)
     opt = optax.sgd(0.01, momentum=0.9)
-    batch = _batch(TR_BATCH, hw, num_tasks, seed)
+    batch = _batch(batch_size, hw, num_tasks, seed)
     state = train.create_train_state(model, opt, jax.random.key(seed), batch)
     mode = "per_example" if per_example else "task_per_batch"
     step = train.make_train_step(model, opt, mode=mode)
     rng = np.random.default_rng(seed + 1)
     if per_example:
         def next_task(i):
-            return {"task": jnp.asarray(rng.integers(0, num_tasks, TR_BATCH), jnp.int32)}
+            return {"task": jnp.asarray(rng.integers(0, num_tasks, batch_size), jnp.int32)}
     else:
         def next_task(i):
             return {"task": jnp.asarray(i % num_tasks, jnp.int32)}

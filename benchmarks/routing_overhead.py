@@ -14,36 +14,21 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
 import jax
-import numpy as np
-import optax
 
-from tr_jax import models, train
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import jax_cases  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def make_case(num_tasks: int, sharing: float | None, per_example: bool, hw: int, batch: int):
-    """Compiles one case; returns a zero-argument callable running one blocking step."""
-    model = models.RoutedVGG(num_tasks=num_tasks, sharing=sharing)
-    tx = optax.sgd(0.01, momentum=0.9)
-    rng = np.random.default_rng(0)
-    data = {"image": rng.standard_normal((batch, hw, hw, 3)).astype(np.float32),
-            "labels": rng.integers(0, 2, (batch, num_tasks)).astype(np.int32)}
-    state = train.create_train_state(model, tx, jax.random.key(0), data)
-    step = train.make_train_step(model, tx, mode="per_example" if per_example else
-                                 "task_per_batch")
-    box = {"state": state, "i": 0}
-
-    def run():
-        i = box["i"] = box["i"] + 1
-        task = (rng.integers(0, num_tasks, batch).astype(np.int32) if per_example
-                else np.int32(i % num_tasks))
-        box["state"], metrics = step(box["state"], {**data, "task": task})
-        jax.block_until_ready(metrics["loss"])
-
+    """Compiles one case (:func:`jax_cases.tr_train`); returns a zero-argument callable running
+    one blocking step."""
+    run = jax_cases.tr_train(hw, num_tasks, per_example, sharing=sharing, batch_size=batch)
     run()  # compile
     run()
     return run
