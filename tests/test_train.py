@@ -103,18 +103,60 @@ def test_affinity_step_makes_the_same_update_as_the_plain_step(digits):
     np.testing.assert_allclose(train.mean_affinity(s_tag), s_tag.affinity_sum / 2)
 
 
-def test_affinity_at_every_step_compiles_without_a_conditional(digits):
-    # XLA:CPU runs gradient convolutions inside a conditional with slow generic kernels, so
-    # affinity_every=1 must not put the measurement in a lax.cond; k > 1 needs one.
+def test_measuring_steps_reuse_the_task_gradients_for_the_same_update(digits):
+    # The fused step (update gradient = sum of the per-task gradients the affinity pulled
+    # back) against the unfused one (an explicit affinity_fn turns the reuse off), on a routed
+    # conv net with BatchNorm: same parameters, running statistics and affinity.
+    model = models.SmallCNN(num_tasks=18, sharing=0.5, widths=(4, 8))
+    tx = optax.sgd(0.05, momentum=0.9)
+    batch = next(digits.batches("train", 16))
+    for name in train.FROM_TASK_GRADS:
+        kw = dict(affinity=name, lr=0.05, lookahead="optimizer")
+        fused = train.make_train_step(model, tx, **kw)
+        apart = train.make_train_step(model, tx, affinity_fn=train.AFFINITIES[name], **kw)
+        s_fused, s_apart = _state(model, tx, batch), _state(model, tx, batch)
+        for _ in range(2):
+            s_fused, m_fused = fused(s_fused, batch)
+            s_apart, m_apart = apart(s_apart, batch)
+        np.testing.assert_allclose(m_fused["loss"], m_apart["loss"], rtol=1e-6)
+        np.testing.assert_allclose(m_fused["grad_norm"], m_apart["grad_norm"], rtol=1e-5)
+        np.testing.assert_allclose(s_fused.affinity_sum, s_apart.affinity_sum, rtol=1e-4,
+                                   atol=4e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     (s_fused.params, s_fused.batch_stats), (s_apart.params, s_apart.batch_stats))
+
+
+def test_periodic_affinity_on_the_host_equals_the_conditional_and_has_none(digits):
+    # XLA:CPU runs gradient convolutions inside a conditional with slow generic kernels, so on
+    # CPU the measuring steps are chosen on the host (two compiled steps, neither with a
+    # lax.cond); "cond" keeps one traceable step. Both measure the same steps and values.
     model = models.MLP(num_tasks=18, hidden=(16,))
-    tx = optax.sgd(0.05)
+    tx = optax.sgd(0.05, momentum=0.9)
     batch = next(digits.batches("train", 32))
+    kw = dict(affinity="lookahead", lr=0.05, affinity_every=3)
+    host = train.make_train_step(model, tx, **kw)   # "auto" is "host" on CPU
+    cond = train.make_train_step(model, tx, affinity_dispatch="cond", **kw)
+    assert isinstance(host, train.PeriodicStep) and host.every == 3
     state = _state(model, tx, batch)
-    for every, conditional in ((1, False), (3, True)):
-        step = train.make_train_step(model, tx, affinity="lookahead", lr=0.05,
-                                     affinity_every=every, jit=False)
-        hlo = jax.jit(step).lower(state, batch).as_text()
-        assert ("stablehlo.case" in hlo) == conditional, every
+    has_case = lambda step: "stablehlo.case" in step.lower(state, batch).as_text()
+    assert not has_case(host.measure) and not has_case(host.skip) and has_case(cond)
+    every_step = train.make_train_step(model, tx, affinity="lookahead", lr=0.05)
+    assert not has_case(every_step)
+    s_host, s_cond, measured = _state(model, tx, batch), _state(model, tx, batch), []
+    for _ in range(4):
+        s_host, m_host = host(s_host, batch)
+        s_cond, m_cond = cond(s_cond, batch)
+        measured.append(bool(m_host["affinity_measured"]))
+        assert bool(m_cond["affinity_measured"]) == measured[-1]
+        np.testing.assert_allclose(m_host["affinity"], m_cond["affinity"], rtol=1e-4, atol=2e-5)
+    assert measured == [True, False, False, True] and int(s_host.affinity_count) == 2
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 s_host.params, s_cond.params)
+    compiled = host.lower(state, batch).compile()
+    assert isinstance(compiled, train.PeriodicStep) and compiled.memory_analysis() is not None
+    traced = train.make_train_step(model, tx, affinity_dispatch="host", jit=False, **kw)
+    with pytest.raises(TypeError, match="affinity_dispatch='cond'"):
+        jax.jit(traced)(state, batch)
 
 
 def test_bad_batches_and_options_are_clear_errors(digits):
@@ -130,6 +172,9 @@ def test_bad_batches_and_options_are_clear_errors(digits):
         train.make_train_step(model, optax.sgd(0.1), affinity="lookahead")
     with pytest.raises(ValueError, match="affinity='bogus'"):
         train.make_train_step(model, optax.sgd(0.1), affinity="bogus", lr=0.1)
+    with pytest.raises(ValueError, match="affinity_dispatch='gpu'"):
+        train.make_train_step(model, optax.sgd(0.1), affinity="lookahead", lr=0.1,
+                              affinity_every=2, affinity_dispatch="gpu")
 
 
 def test_quickstart_config_reaches_the_measured_accuracy_floor(tmp_path):

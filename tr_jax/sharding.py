@@ -408,7 +408,7 @@ class ShardedStep:
 def shard_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformation,
                      mesh: Mesh, state: train.TrainState, *, rules: Rules = PARAM_RULES,
                      task_parallel: bool = True, max_traces: int | None = None,
-                     **step_kwargs) -> ShardedStep:
+                     **step_kwargs) -> ShardedStep | train.PeriodicStep:
     """:func:`tr_jax.train.make_train_step` jitted over the mesh, state donated.
 
     Args:
@@ -423,11 +423,18 @@ def shard_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformat
 
     Returns:
       ``step(state, batch) -> (state, metrics)``; metrics replicated; the batch may be numpy
-      (this process's rows) or already placed by :func:`shard_batch`.
+      (this process's rows) or already placed by :func:`shard_batch`. A
+      :class:`~tr_jax.train.PeriodicStep` of two sharded steps when the affinity is measured
+      every k > 1 steps with host dispatch.
     """
     if task_parallel and step_kwargs.get("affinity") == "lookahead":
         step_kwargs.setdefault("affinity_fn", sharded_affinity.task_parallel(mesh, TASK))
     step = train.make_train_step(model, optimizer, jit=False, **step_kwargs)
+    if isinstance(step, train.PeriodicStep):
+        return train.PeriodicStep(
+            *(ShardedStep(s, mesh, state, rules, True, max_traces) for s in (step.measure,
+                                                                              step.skip)),
+            step.every)
     return ShardedStep(step, mesh, state, rules, True, max_traces)
 
 

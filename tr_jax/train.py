@@ -15,6 +15,7 @@ Training modes (DESIGN §2):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Literal
 
 import chex
@@ -36,22 +37,28 @@ LOOKAHEADS = ("sgd", "optimizer")
 SHARED = ("encoder",)  # the parameters TAG's lookahead moves: the shared trunk
 
 
-def _lookahead(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size):
+def _lookahead(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size,
+               losses_and_grads=None):
     del key
     return affinity_lib.lookahead_affinity(loss_fn, shared, rest, batch, lr=lr,
                                            update_fn=update_fn, strategy=strategy,
-                                           chunk_size=chunk_size)
+                                           chunk_size=chunk_size,
+                                           losses_and_grads=losses_and_grads)
 
 
-def _cosine(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size):
+def _cosine(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size,
+            losses_and_grads=None):
     del lr, update_fn, key, strategy
-    return affinity_lib.gradient_cosine(loss_fn, shared, rest, batch, chunk_size=chunk_size)
+    return affinity_lib.gradient_cosine(loss_fn, shared, rest, batch, chunk_size=chunk_size,
+                                        losses_and_grads=losses_and_grads)
 
 
-def _taylor(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size):
+def _taylor(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size,
+            losses_and_grads=None):
     del key
     return estimators.taylor_affinity(loss_fn, shared, rest, batch, lr=lr, update_fn=update_fn,
-                                      strategy=strategy, chunk_size=chunk_size)
+                                      strategy=strategy, chunk_size=chunk_size,
+                                      losses_and_grads=losses_and_grads)
 
 
 def _sketch(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size):
@@ -63,10 +70,16 @@ def _sketch(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk
 # name -> fn(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size) -> (T, T)
 AFFINITIES: dict[str, Callable[..., jax.Array]] = {
     "lookahead": _lookahead, "cosine": _cosine, "taylor": _taylor, "sketch": _sketch}
+# Those that start from the per-task gradients (a ``losses_and_grads`` keyword): a step that
+# measures one of them reuses those gradients for its update (their sum) instead of running a
+# backward pass of its own.
+FROM_TASK_GRADS = ("lookahead", "cosine", "taylor")
 # Needs the model's structure (encoder output, heads) rather than a loss_fn: measured by
 # estimators.model_representation_affinity on the step's variables; unrouted models only.
 REPRESENTATION = "representation"
 Metrics = dict[str, jax.Array]
+Dispatch = Literal["auto", "host", "cond"]
+DISPATCHES = ("auto", "host", "cond")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -185,12 +198,51 @@ def model_losses(model: MultiTaskModel, variables: dict, batch: dict, mode: Mode
     return total, per_task, updates.get("batch_stats")
 
 
+@dataclasses.dataclass(frozen=True)
+class PeriodicStep:
+    """A train step that measures the affinity every ``every``-th step, chosen on the host.
+
+    Calling it reads ``state.step`` (a scalar transfer, which waits for the previous step) and
+    runs ``measure`` when ``state.step % every == 0``, else ``skip``: both take and return the
+    same pytrees, so they compile once each. ``lower`` / ``compile`` / ``memory_analysis``
+    follow ``jax.stages`` on both steps (the analysis is the measuring step's, the larger).
+
+    Attributes:
+      measure: ``(state, batch) -> (state, metrics)`` that measures the affinity.
+      skip: the same step without measuring (``metrics["affinity"]`` zeros).
+      every: k.
+    """
+
+    measure: Any
+    skip: Any
+    every: int
+
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
+        if isinstance(state.step, jax.core.Tracer):
+            raise TypeError("this train step picks its measuring steps on the host "
+                            "(affinity_dispatch='host') and cannot be traced; build it with "
+                            "affinity_dispatch='cond' to call it inside a jit.")
+        due = int(state.step) % self.every == 0
+        return (self.measure if due else self.skip)(state, batch)
+
+    def lower(self, state: TrainState, batch: dict) -> PeriodicStep:
+        return PeriodicStep(self.measure.lower(state, batch), self.skip.lower(state, batch),
+                            self.every)
+
+    def compile(self) -> PeriodicStep:
+        return PeriodicStep(self.measure.compile(), self.skip.compile(), self.every)
+
+    def memory_analysis(self) -> Any:
+        return self.measure.memory_analysis()
+
+
 def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformation, *,
                     mode: Mode = "all_tasks", chunk_size: int | None = None,
                     affinity: str | None = None, affinity_every: int = 1,
                     lookahead: str = "sgd", lr: float | None = None, strategy: str = "auto",
                     affinity_chunk_size: int | None = None, affinity_mode: Mode = "all_tasks",
-                    affinity_fn: Callable[..., jax.Array] | None = None, jit: bool = True
+                    affinity_fn: Callable[..., jax.Array] | None = None,
+                    affinity_dispatch: Dispatch = "auto", jit: bool = True
                     ) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
     """Builds the train step ``(state, batch) -> (state, metrics)``.
 
@@ -210,10 +262,8 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
         (gradient cosine similarity), ``"taylor"`` / ``"sketch"`` (first-order estimators),
         or ``"representation"`` (first-order at the encoder's output, unrouted models only;
         ``lookahead``, ``strategy`` and ``affinity_mode`` do not apply to it).
-      affinity_every: measure every k-th step (official CelebA: 1; Taskonomy: 10). With k > 1
-        the measurement sits in a ``jax.lax.cond``; XLA:CPU runs the gradient convolutions
-        inside a conditional with slow generic kernels (a TAG CelebA step at T = 9 took
-        minutes instead of 4 s), so on CPU prefer k = 1, which has no conditional.
+      affinity_every: measure every k-th step (official CelebA: 1; Taskonomy: 10); see
+        ``affinity_dispatch`` for how k > 1 picks the steps.
       lookahead: ``"sgd"`` (Δ_i = lr g_i) or ``"optimizer"`` (the optimizer's own step from
         g_i alone at its current state, e.g. SGD momentum as in the official CelebA code).
       lr: learning rate that normalizes Z (and the ``"sgd"`` lookahead step); required with
@@ -227,6 +277,13 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
         task must appear in the batch).
       affinity_fn: replaces ``AFFINITIES[affinity]`` (same signature), e.g.
         :func:`tr_jax.affinity.sharded.task_parallel` to split the tasks over devices.
+      affinity_dispatch: with ``affinity_every`` > 1, how a step decides whether to measure:
+        ``"cond"`` -- one step with the measurement in a ``jax.lax.cond`` on ``state.step``
+        (traceable inside a larger jit); ``"host"`` -- a :class:`PeriodicStep` that reads
+        ``state.step`` (one scalar transfer) and runs one of two compiled steps, the measuring
+        one or the plain one; ``"auto"`` -- ``"host"`` on CPU, ``"cond"`` elsewhere. XLA:CPU
+        runs gradient convolutions inside a conditional with slow generic kernels (a TAG
+        CelebA step at T = 9 did not finish in 13 minutes instead of 4 s).
       jit: return a ``jax.jit``-compiled step (state donated).
 
     Returns:
@@ -250,9 +307,17 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
                              f"normalizes Z; got lr={lr}.")
         if int(affinity_every) < 1:
             raise ValueError(f"affinity_every={affinity_every} must be >= 1.")
+        if affinity_dispatch not in DISPATCHES:
+            raise ValueError(f"affinity_dispatch={affinity_dispatch!r} is unknown; use one of "
+                             f"{DISPATCHES}.")
         if affinity_mode not in ("all_tasks", "per_example"):
             raise ValueError(f"affinity_mode={affinity_mode!r} must be 'all_tasks' or "
                              "'per_example'.")
+
+    # With the affinity measured from the per-task gradients of the training loss itself, the
+    # update's gradient is their sum: no backward pass of its own (DESIGN §3).
+    reuse_grads = (affinity in FROM_TASK_GRADS and affinity_fn is None
+                   and mode == affinity_mode == "all_tasks")
 
     def loss_fn(params, state, batch):
         variables = {**state.variables, "params": params}
@@ -260,7 +325,7 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
                                                   chunk_size=chunk_size)
         return total, (per_task, new_stats)
 
-    def measure(state: TrainState, batch: dict) -> jax.Array:
+    def measure(state: TrainState, batch: dict, losses_and_grads=None) -> jax.Array:
         if affinity == REPRESENTATION and affinity_fn is None:
             return estimators.model_representation_affinity(
                 model, state.variables, batch, lr=lr).astype(jnp.float32)
@@ -278,36 +343,70 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
         update_fn = (affinity_lib.optax_lookahead(optimizer, state.opt_state, shared, rest)
                      if lookahead == "optimizer" else None)
         fn = affinity_fn or AFFINITIES[affinity]
+        extra = {} if losses_and_grads is None else {"losses_and_grads": losses_and_grads}
         z = fn(task_losses, shared, (rest, others), batch, lr=lr, update_fn=update_fn,
                key=jax.random.fold_in(state.rng, state.step), strategy=strategy,
-               chunk_size=affinity_chunk_size)
+               chunk_size=affinity_chunk_size, **extra)
         return z.astype(jnp.float32)
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
-        metrics = {}
-        if affinity is not None:
-            if affinity_every == 1:   # no conditional: see the note on affinity_every
-                measured, z = jnp.bool_(True), measure(state, batch)
-            else:
-                measured = state.step % affinity_every == 0
-                z = jax.lax.cond(measured, measure,
-                                 lambda *_: jnp.zeros_like(state.affinity_sum), state, batch)
-            state = state.replace(affinity_sum=state.affinity_sum + z,
-                                  affinity_count=state.affinity_count + measured)
-            metrics.update(affinity=z, affinity_measured=measured)
-        (total, (per_task, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state, batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        finite = jnp.isfinite(total)
-        new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state,
-                            batch_stats=state.batch_stats if new_stats is None else new_stats)
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-        metrics.update(loss=total, task_losses=per_task, grad_norm=optax.global_norm(grads),
-                       finite=finite)
-        return new, metrics
+    def measure_and_grads(state: TrainState, batch: dict):
+        """The affinity, and the loss and gradients of the update from the same pullbacks."""
+        shared, rest = affinity_lib.split_params(state.params, SHARED)
 
-    return jax.jit(step, donate_argnums=0) if jit else step
+        def losses(shared, rest, batch):
+            return loss_fn(affinity_lib.merge_params(shared, rest), state, batch)[1]
+
+        per_task, task_grads, rest_grad, new_stats = affinity_lib.per_task_and_total_grads(
+            losses, shared, rest, batch, has_aux=True, strategy=strategy,
+            chunk_size=affinity_chunk_size)
+        z = measure(state, batch, (per_task, task_grads))
+        grads = affinity_lib.merge_params(jax.tree.map(lambda g: g.sum(0), task_grads),
+                                          rest_grad)
+        return z, ((per_task.sum(), (per_task, new_stats)), grads)
+
+    def make_step(measuring: bool | None):
+        """The step that always (True), never (False) or every k-th step (None) measures."""
+
+        def step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
+            metrics, out = {}, None
+            if affinity is not None:
+                if measuring and reuse_grads:
+                    measured = jnp.bool_(True)
+                    z, out = measure_and_grads(state, batch)
+                elif measuring is None:
+                    measured = state.step % affinity_every == 0
+                    z = jax.lax.cond(measured, measure,
+                                     lambda *_: jnp.zeros_like(state.affinity_sum), state, batch)
+                else:
+                    measured = jnp.bool_(measuring)
+                    z = measure(state, batch) if measuring else jnp.zeros_like(
+                        state.affinity_sum)
+                state = state.replace(affinity_sum=state.affinity_sum + z,
+                                      affinity_count=state.affinity_count + measured)
+                metrics.update(affinity=z, affinity_measured=measured)
+            if out is None:
+                out = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state, batch)
+            (total, (per_task, new_stats)), grads = out
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            finite = jnp.isfinite(total)
+            new = state.replace(step=state.step + 1,
+                                params=optax.apply_updates(state.params, updates),
+                                opt_state=opt_state,
+                                batch_stats=state.batch_stats if new_stats is None else new_stats)
+            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+            metrics.update(loss=total, task_losses=per_task, grad_norm=optax.global_norm(grads),
+                           finite=finite)
+            return new, metrics
+
+        return jax.jit(step, donate_argnums=0) if jit else step
+
+    if affinity is None or affinity_every == 1:
+        return make_step(True)
+    if affinity_dispatch == "auto":
+        affinity_dispatch = "host" if jax.default_backend() == "cpu" else "cond"
+    if affinity_dispatch == "cond":
+        return make_step(None)
+    return PeriodicStep(make_step(True), make_step(False), affinity_every)
 
 
 def make_eval_step(model: MultiTaskModel, *, chunk_size: int | None = None,

@@ -42,7 +42,8 @@ def cosine_from_grads(grads: PyTree, eps: float = 1e-12) -> jax.Array:
 
 
 def gradient_cosine(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, *,
-                    chunk_size: int | None = None) -> jax.Array:
+                    chunk_size: int | None = None,
+                    losses_and_grads: tuple[jax.Array, PyTree] | None = None) -> jax.Array:
     """Gradient cosine similarity (CS) of every pair of tasks on one batch.
 
     Args:
@@ -52,10 +53,12 @@ def gradient_cosine(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, *
       rest: everything else the loss needs.
       batch: one batch.
       chunk_size: passed to :func:`per_task_grads` to bound memory at large T.
+      losses_and_grads: ``(losses, grads)`` from ``per_task_grads`` when the caller has them.
 
     Returns:
       (T, T) symmetric cosine similarities in [-1, 1], ones on the diagonal (0 for a task
       with a zero kernel gradient).
     """
-    _, grads = per_task_grads(loss_fn, shared, rest, batch, chunk_size=chunk_size)
-    return cosine_from_grads(grads)
+    if losses_and_grads is None:
+        losses_and_grads = per_task_grads(loss_fn, shared, rest, batch, chunk_size=chunk_size)
+    return cosine_from_grads(losses_and_grads[1])
