@@ -18,6 +18,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from tr_jax import host_memory
+
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 DEFAULT_CONFIG = REPO / "experiments" / "configs" / "digits.py"
@@ -146,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``tr-jax`` and ``python -m tr_jax``."""
+    host_memory.keep_freed_buffers()   # before any computation: see tr_jax.host_memory
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if not argv:
