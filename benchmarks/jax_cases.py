@@ -23,9 +23,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from tr_jax import host_memory, models, train  # noqa: E402
+from tr_jax import cpu_runtime, models, train  # noqa: E402
 
-host_memory.keep_freed_buffers()   # as the tr-jax command line does
+cpu_runtime.configure()   # as the tr-jax command line does
 
 TR_BATCH = 32
 TAG_BATCH = 64

@@ -4,6 +4,6 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tr_jax import host_memory  # noqa: E402
+from tr_jax import cpu_runtime  # noqa: E402
 
-host_memory.keep_freed_buffers()   # as the tr-jax command line does: faster XLA:CPU steps
+cpu_runtime.configure()   # as the tr-jax command line does: faster XLA:CPU steps

@@ -4,11 +4,11 @@ Modules: :mod:`tr_jax.routing` (masks, TaskRouting), :mod:`tr_jax.models` (route
 :mod:`tr_jax.losses`, :mod:`tr_jax.affinity` (TAG lookahead, gradient cosine, estimators),
 :mod:`tr_jax.grouping` (network selection), :mod:`tr_jax.train` (train state and steps),
 :mod:`tr_jax.data` (offline and TFDS datasets), :mod:`tr_jax.sharding` (meshes, sharded steps,
-multi-host), :mod:`tr_jax.host_memory` (faster XLA:CPU steps).
+multi-host), :mod:`tr_jax.cpu_runtime` (faster XLA:CPU steps).
 """
-from tr_jax import (affinity, data, grouping, host_memory, losses, models, routing, sharding,
+from tr_jax import (affinity, cpu_runtime, data, grouping, losses, models, routing, sharding,
                     train)
 
 __version__ = "0.1.0"
-__all__ = ["affinity", "data", "grouping", "host_memory", "losses", "models", "routing", "sharding",
-           "train"]
+__all__ = ["affinity", "cpu_runtime", "data", "grouping", "losses", "models", "routing",
+           "sharding", "train"]

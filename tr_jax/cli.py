@@ -18,7 +18,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from tr_jax import host_memory
+from tr_jax import cpu_runtime
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``tr-jax`` and ``python -m tr_jax``."""
-    host_memory.keep_freed_buffers()   # before any computation: see tr_jax.host_memory
+    cpu_runtime.configure()   # before any computation: see tr_jax.cpu_runtime
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if not argv:

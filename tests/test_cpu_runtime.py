@@ -1,0 +1,70 @@
+"""tr_jax.cpu_runtime: glibc serves large blocks from its heap; XLA gets the conv flag once."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tr_jax import cpu_runtime
+
+# Prints how many bytes glibc holds in mmap'd blocks while a 64 MB malloc block is live,
+# minus before (mallinfo2's hblkhd); with argv[1] == "keep", after keep_freed_buffers().
+MALLOC_PROBE = """
+import ctypes, sys
+libc = ctypes.CDLL("libc.so.6")
+if sys.argv[1] == "keep":
+    from tr_jax.cpu_runtime import keep_freed_buffers
+    assert keep_freed_buffers()
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+                "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(64 << 20)
+print(libc.mallinfo2().hblkhd - before)
+libc.free(ctypes.c_void_p(block))
+"""
+
+# configure() in a fresh process, then a convolution: prints what took effect and XLA_FLAGS.
+FLAG_PROBE = """
+import os, jax, jax.numpy as jnp
+from tr_jax import cpu_runtime
+print(cpu_runtime.configure()["prefer_eigen_convolutions"])
+print(cpu_runtime.configure()["prefer_eigen_convolutions"])   # twice: the flag once
+x = jnp.ones((1, 8, 8, 4))
+jax.block_until_ready(jax.lax.conv(x.transpose(0, 3, 1, 2), jnp.ones((4, 4, 3, 3)), (1, 1),
+                                   "SAME"))
+print(cpu_runtime.prefer_eigen_convolutions())   # after the backend started: no change
+print(os.environ["XLA_FLAGS"])
+"""
+
+
+def _run(code: str, *args: str, env: dict | None = None) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         check=True, env={**os.environ, **(env or {})})
+    return out.stdout.strip().splitlines()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_buffers_serves_large_blocks_from_the_heap():
+    assert int(_run(MALLOC_PROBE, "default")[-1]) >= 64 << 20   # glibc's default: an mmap
+    assert int(_run(MALLOC_PROBE, "keep")[-1]) == 0
+    assert cpu_runtime.keep_freed_buffers()        # idempotent (conftest applied it already)
+
+
+def test_prefer_eigen_convolutions_sets_the_flag_once_and_respects_the_users():
+    measured = cpu_runtime.jaxlib.__version__.startswith("0.10.")
+    first, second, late, flags = _run(FLAG_PROBE, env={"XLA_FLAGS": ""})
+    assert (first, second) == (str(measured), str(measured))
+    assert late == str(measured)     # already in XLA_FLAGS: reported, not added again
+    assert flags.split().count(cpu_runtime.EIGEN_CONV_FLAG) == int(measured)
+    mine = f"{cpu_runtime.YNN_FLAG}=individual_convolution"
+    first, _, _, flags = _run(FLAG_PROBE, env={"XLA_FLAGS": mine})
+    assert first == "False" and flags == mine
+
+
+def test_prefer_eigen_convolutions_does_nothing_once_the_backend_runs():
+    code = ("import jax.numpy as jnp; jnp.ones(1).block_until_ready()\n"
+            "from tr_jax import cpu_runtime; print(cpu_runtime.prefer_eigen_convolutions())")
+    assert _run(code, env={"XLA_FLAGS": ""}) == ["False"]

@@ -1,0 +1,83 @@
+"""Process settings that make XLA:CPU steps faster; call :func:`configure` first thing.
+
+Two settings, each measured on the project's 2-core x86 VM (AVX-512) with jax 0.10.2
+(``benchmarks/results/perf_notes.md``):
+
+* :func:`keep_freed_buffers` -- XLA:CPU takes every step's buffers (activations, gradients,
+  outputs) from ``malloc``. glibc serves large requests (over its mmap threshold, at most
+  32 MiB) with fresh ``mmap`` pages and gives them back on ``free``, so every step pays the
+  kernel again for zero-filling each page on first touch. Serving every request from the one
+  main heap and never trimming it lets a step reuse the previous step's pages. A 67 MB
+  strided-slice maximum went from 16 to 3.6 ms, the TAG CelebA plain step from 510 to 435 ms.
+  The price: the process keeps its peak heap until it exits.
+* :func:`prefer_eigen_convolutions` -- jaxlib 0.10 hands convolutions to its YNNPACK library
+  by default; XLA's Eigen convolutions are ~1.8x faster here for 64-channel 3x3 layers
+  (TAG's 32x32 64->64 convolution, forward and both gradients: 166 -> 94 ms) and no slower
+  elsewhere. The TAG plain step went from 430 to 318 ms.
+
+The ``tr-jax`` command line, the benchmarks and the tests call :func:`configure`; library
+users opt in with ``tr_jax.cpu_runtime.configure()`` before their first JAX computation.
+Neither setting changes any result, and neither touches GPU or TPU computations.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+import jaxlib
+from jax._src import xla_bridge
+
+# mallopt parameters (glibc's malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+MALLOC_SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_ARENA_MAX, 1))
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+EIGEN_CONV_FLAG = f"{YNN_FLAG}=-individual_convolution"
+# XLA aborts the process on a flag it does not know: the flag is set only for the jaxlib
+# releases it was measured with.
+EIGEN_CONV_JAXLIB = ((0, 10),)
+
+
+def keep_freed_buffers() -> bool:
+    """Configures glibc's malloc to keep and reuse freed memory (see the module docstring).
+
+    Process-wide and idempotent; call it before the first JAX computation (threads keep the
+    arena they first allocated from).
+
+    Returns:
+      True when applied; False where the C library is not glibc (macOS, musl).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS)
+
+
+def prefer_eigen_convolutions() -> bool:
+    """Adds ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` to XLA_FLAGS.
+
+    XLA reads the flags when JAX creates its backends (the first computation), so this only
+    acts before then. It leaves XLA_FLAGS alone when it already sets the YNN fusion types
+    (your choice wins) and on jaxlib releases it was not measured with.
+
+    Returns:
+      True when the flag is in XLA_FLAGS for the backends still to be created.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if YNN_FLAG in flags:
+        return EIGEN_CONV_FLAG in flags.split()
+    version = tuple(int(p) for p in jaxlib.__version__.split(".")[:2])
+    if version not in EIGEN_CONV_JAXLIB or xla_bridge.backends_are_initialized():
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONV_FLAG}".strip()
+    return True
+
+
+def configure() -> dict[str, bool]:
+    """Applies both settings; returns which ones took effect (by function name)."""
+    return {"keep_freed_buffers": keep_freed_buffers(),
+            "prefer_eigen_convolutions": prefer_eigen_convolutions()}
