@@ -315,7 +315,7 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
                              "'per_example'.")
 
     # With the affinity measured from the per-task gradients of the training loss itself, the
-    # update's gradient is their sum: no backward pass of its own (DESIGN §3).
+    # update's gradient is their sum: no backward pass of its own (see FROM_TASK_GRADS).
     reuse_grads = (affinity in FROM_TASK_GRADS and affinity_fn is None
                    and mode == affinity_mode == "all_tasks")
 
