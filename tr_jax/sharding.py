@@ -430,12 +430,13 @@ def shard_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformat
     if task_parallel and step_kwargs.get("affinity") == "lookahead":
         step_kwargs.setdefault("affinity_fn", sharded_affinity.task_parallel(mesh, TASK))
     step = train.make_train_step(model, optimizer, jit=False, **step_kwargs)
+
+    def sharded(fn: Callable) -> ShardedStep:
+        return ShardedStep(fn, mesh, state, rules, True, max_traces)
+
     if isinstance(step, train.PeriodicStep):
-        return train.PeriodicStep(
-            *(ShardedStep(s, mesh, state, rules, True, max_traces) for s in (step.measure,
-                                                                              step.skip)),
-            step.every)
-    return ShardedStep(step, mesh, state, rules, True, max_traces)
+        return train.PeriodicStep(sharded(step.measure), sharded(step.skip), step.every)
+    return sharded(step)
 
 
 def shard_eval_step(model: MultiTaskModel, mesh: Mesh, state: train.TrainState, *,
