@@ -15,7 +15,8 @@ script, the tr_jax routing cases, the TF script and the tr_jax TAG cases, one af
 each row's ratio (tr_jax / peer) is the median over rounds of the per-round ratios. The tr_jax
 cases are compiled once, before the first round (compile times are reported apart).
 
-Writes ``benchmarks/results/vs_peers.json`` (every timing) and ``.md`` (the table).
+Writes ``benchmarks/results/vs_peers_<ISA>.json`` (every timing) and ``.md`` (the table), one
+pair per vector ISA (``avx2``, ``avx512``): the peers' kernels and ours differ by ISA.
 Target: tr_jax / peer <= 1.0 on every row.
 """
 from __future__ import annotations
@@ -140,6 +141,26 @@ def check_peers(args, frameworks: set[str]) -> None:
                              f"`bash {args.anchors}/setup_envs.sh` or pass --{framework}-python.")
 
 
+def cpu_features() -> tuple[str, str]:
+    """(model name, widest vector ISA: ``"avx512"``, ``"avx2"``, ``"avx"`` or ``"noavx"``).
+
+    The peers' oneDNN/MKL and XLA pick kernels by ISA, so an AVX2 and an AVX-512 machine give
+    different ratios; results are recorded per ISA.
+    """
+    model, flags = platform.processor() or "unknown model", set()
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    isa = next((isa for flag, isa in (("avx512f", "avx512"), ("avx2", "avx2"), ("avx", "avx"))
+                if flag in flags), "noavx")
+    return model, isa
+
+
 def markdown(summary: list[dict], info: dict) -> str:
     lines = ["# tr_jax vs the PyTorch / TF2 peers (benchmarks/vs_peers.py)", "",
              f"{info['machine']}; jax {info['jax']}; {info['rounds']} interleaved rounds "
@@ -165,7 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--anchors", type=pathlib.Path, default=ANCHORS)
     ap.add_argument("--torch-python", default=str(PEER_ENVS / "torch" / "bin" / "python"))
     ap.add_argument("--tf-python", default=str(PEER_ENVS / "tf" / "bin" / "python"))
-    ap.add_argument("--out", default=str(RESULTS / "vs_peers"))
+    ap.add_argument("--out", default=None,
+                    help="output path without suffix (default: benchmarks/results/"
+                         "vs_peers_<ISA>, e.g. vs_peers_avx2)")
     args = ap.parse_args(argv)
     keys = [r.key for r in ROWS] if args.rows == "all" else args.rows.split(",")
     unknown = set(keys) - {r.key for r in ROWS}
@@ -213,11 +236,13 @@ def main(argv: list[str] | None = None) -> None:
                         "ratio": statistics.median(m / p for m, p in zip(mine, peer)),
                         "compile_s": compile_s[row.key], "peer_ms_rounds": peer,
                         "jax_ms_rounds": mine})
-    info = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+    model, isa = cpu_features()
+    info = {"machine": f"{platform.machine()} CPU ({model}, {isa}), {os.cpu_count()} cores",
+            "isa": isa,
             "jax": jax.__version__, "python": platform.python_version(),
             "rounds": args.rounds, "steps": args.steps, "slow_steps": args.slow_steps,
             "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg": load_avg}
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"vs_peers_{isa}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"info": info, "summary": summary}, indent=1))
     out.with_suffix(".md").write_text(markdown(summary, info))
