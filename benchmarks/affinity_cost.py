@@ -52,10 +52,13 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from tr_jax import cpu_runtime  # noqa: E402
 from tr_jax.affinity import (lookahead_affinity, merge_params, optax_lookahead,  # noqa: E402
                              per_task_and_total_grads, split_params)
 from tr_jax.affinity.strategy import resolve_strategy  # noqa: E402
 from tr_jax.models import RoutedResNet  # noqa: E402
+
+cpu_runtime.configure()   # as the tr-jax command line does (and in every case subprocess)
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 LR, MOMENTUM = 5e-4, 0.9

@@ -43,11 +43,13 @@ import numpy as np
 import scipy.stats
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from tr_jax import affinity, grouping  # noqa: E402
+from tr_jax import affinity, cpu_runtime, grouping  # noqa: E402
 from tr_jax.data import load_digits  # noqa: E402
 from tr_jax.data.synthetic import load_synthetic  # noqa: E402
 from tr_jax.losses import per_task_losses  # noqa: E402
 from tr_jax.models import MLP, RoutedResNet, SmallCNN, apply_all_tasks  # noqa: E402
+
+cpu_runtime.configure()   # as the tr-jax command line does
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 NUM_GROUPS = (2, 3, 4)

@@ -47,8 +47,9 @@ Lowering = Literal["auto", "xla", "im2col", "winograd"]
 LOWERINGS = ("auto", "xla", "im2col", "winograd")
 ENV_VAR = "TR_JAX_CONV_LOWERING"
 # On CPU, "auto" uses im2col when the output map has at most this many positions (H' * W').
-# Measured on XLA:CPU (2 cores, float32, batch 32, 512 -> 512 channels, forward + both
-# gradients): 2x2 maps 550 ms (xla) vs 15 ms (im2col); 4x4 60 vs 55 ms; 8x8 210 vs 260 ms.
+# Measured on XLA:CPU with its Eigen convolutions (cpu_runtime.configure; 2 cores, AVX2,
+# float32, batch 32, forward + both gradients, xla / im2col / winograd ms): 2x2 512->512
+# 704 / 14 / 363; 4x4 512->512 50 / 51 / 46 (a tie); 8x8 512->512 188 / 211 / 166.
 IM2COL_MAX_AREA = 16
 # Above that, up to this many output positions, "auto" uses "winograd" for 3x3 stride-1 convs.
 # Forward, float32, batch 32 (xla vs winograd): 8x8 maps 128->256 11.8 vs 7.3 ms, 256->256
