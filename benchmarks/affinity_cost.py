@@ -371,7 +371,7 @@ def main(argv=None) -> None:
                                                           "plain_ms", "compile_s",
                                                           "maxrss_gb", "error")})[:400],
                       flush=True)
-    info = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared)",
+    info = {"machine": f"{cpu_runtime.describe_machine()} (shared)",
             "jax": jax.__version__, "python": platform.python_version(),
             "hw": args.image_size, "batch": args.batch_size,
             "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg": os.getloadavg()}

@@ -392,7 +392,7 @@ def main(argv=None) -> None:
     cost = [] if args.skip_cost else cost_sweep(
         tasks, tuple(args.cost_ks), image_size=args.image_size, batch_size=args.batch_size,
         width=args.width, repeats=2 if args.quick else args.repeats, budget_s=args.budget)
-    result = {"machine": f"{platform.node()}: {platform.processor() or platform.machine()}, "
+    result = {"machine": f"{platform.node()}: {cpu_runtime.describe_machine()}, "
                          f"jax {jax.__version__} on {jax.default_backend()}, "
                          f"{jax.local_device_count()} device(s)",
               "command": " ".join(["benchmarks/affinity_estimators.py", *(argv or sys.argv[1:])]),

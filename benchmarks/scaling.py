@@ -43,8 +43,12 @@ CHUNK = 8      # source tasks per chunk on each device
 
 
 def _start_jax(devices: int | None) -> None:
-    """Configures JAX (before its backend starts): CPU, ``devices`` fake devices."""
+    """Configures JAX (before its backend starts): CPU, ``devices`` fake devices, and
+    :func:`tr_jax.cpu_runtime.configure` as the tr-jax command line does."""
     import jax
+
+    from tr_jax import cpu_runtime
+    cpu_runtime.configure()
     jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS", "cpu"))
     if devices:
         jax.config.update("jax_num_cpu_devices", devices)

@@ -27,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tr_jax import cli  # noqa: E402
+from tr_jax import cli, cpu_runtime  # noqa: E402
 from tr_jax.experiment import build_dataset  # noqa: E402
 from tr_jax.study import (GroupTrainer, format_study_table, hoa_task_sets,  # noqa: E402
                           hold_out_validation, run_study)
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
+    cpu_runtime.configure()   # before any computation, as the tr-jax command line does
     name, out = args.config, Path(args.out)
     config = cli.load_config(str(cli.STUDY_CONFIG.with_name(f"{name}.py")), [])
     with tempfile.TemporaryDirectory() as workdir:

@@ -37,7 +37,8 @@ from typing import Callable
 import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import jax_cases  # noqa: E402
+import jax_cases  # noqa: E402  (puts the repository on sys.path)
+from tr_jax import cpu_runtime  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -141,26 +142,6 @@ def check_peers(args, frameworks: set[str]) -> None:
                              f"`bash {args.anchors}/setup_envs.sh` or pass --{framework}-python.")
 
 
-def cpu_features() -> tuple[str, str]:
-    """(model name, widest vector ISA: ``"avx512"``, ``"avx2"``, ``"avx"`` or ``"noavx"``).
-
-    The peers' oneDNN/MKL and XLA pick kernels by ISA, so an AVX2 and an AVX-512 machine give
-    different ratios; results are recorded per ISA.
-    """
-    model, flags = platform.processor() or "unknown model", set()
-    cpuinfo = pathlib.Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    isa = next((isa for flag, isa in (("avx512f", "avx512"), ("avx2", "avx2"), ("avx", "avx"))
-                if flag in flags), "noavx")
-    return model, isa
-
-
 def markdown(summary: list[dict], info: dict) -> str:
     lines = ["# tr_jax vs the PyTorch / TF2 peers (benchmarks/vs_peers.py)", "",
              f"{info['machine']}; jax {info['jax']}; {info['rounds']} interleaved rounds "
@@ -236,9 +217,8 @@ def main(argv: list[str] | None = None) -> None:
                         "ratio": statistics.median(m / p for m, p in zip(mine, peer)),
                         "compile_s": compile_s[row.key], "peer_ms_rounds": peer,
                         "jax_ms_rounds": mine})
-    model, isa = cpu_features()
-    info = {"machine": f"{platform.machine()} CPU ({model}, {isa}), {os.cpu_count()} cores",
-            "isa": isa,
+    isa = cpu_runtime.cpu_features()[1]
+    info = {"machine": cpu_runtime.describe_machine(), "isa": isa,
             "jax": jax.__version__, "python": platform.python_version(),
             "rounds": args.rounds, "steps": args.steps, "slow_steps": args.slow_steps,
             "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg": load_avg}

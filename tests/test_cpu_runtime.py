@@ -68,3 +68,17 @@ def test_prefer_eigen_convolutions_does_nothing_once_the_backend_runs():
     code = ("import jax.numpy as jnp; jnp.ones(1).block_until_ready()\n"
             "from tr_jax import cpu_runtime; print(cpu_runtime.prefer_eigen_convolutions())")
     assert _run(code, env={"XLA_FLAGS": ""}) == ["False"]
+
+
+@pytest.mark.parametrize("flags, isa", [("fpu sse2 avx avx2 avx512f avx512bw", "avx512"),
+                                        ("fpu sse2 avx avx2 fma", "avx2"),
+                                        ("fpu sse2 avx", "avx"), ("fpu sse2", "noavx")])
+def test_cpu_features_reads_model_and_widest_isa(tmp_path, flags, isa):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: {flags}\n\n"
+                       f"processor\t: 1\nmodel name\t: AMD EPYC 9B14\nflags\t\t: {flags}\n")
+    assert cpu_runtime.cpu_features(str(cpuinfo)) == ("AMD EPYC 9B14", isa)
+
+
+def test_cpu_features_without_cpuinfo_says_unknown(tmp_path):
+    assert cpu_runtime.cpu_features(str(tmp_path / "missing"))[1] == "unknown"

@@ -21,6 +21,9 @@ import pytest
 
 from tr_jax import models, sharding, train
 
+# One worker runs the whole module, so the module fixture starts its subprocesses once.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 HELPERS = Path(__file__).parent / "helpers"
 ROOT = Path(__file__).parents[1]
 MESHES = ("8x1", "4x2", "2x4", "1x8")
@@ -35,7 +38,8 @@ def _free_port() -> int:
 
 def _start(script: str, *args, env_extra=None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **(env_extra or {}))
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **(env_extra or {}),
+               XLA_FLAGS="--xla_backend_optimization_level=0")   # fast compiles (conftest.py)
     return subprocess.Popen([sys.executable, str(HELPERS / script), *map(str, args)], env=env,
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pathlib
+import platform
 import sys
 
 import jaxlib
@@ -75,6 +77,40 @@ def prefer_eigen_convolutions() -> bool:
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONV_FLAG}".strip()
     return True
+
+
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, str]:
+    """The CPU's model name and widest vector ISA, for labelling benchmark results.
+
+    XLA, oneDNN and MKL pick kernels by ISA, so the same benchmark gives different speed
+    ratios on an AVX2 and an AVX-512 machine of the same model family.
+
+    Args:
+      cpuinfo: Linux's CPU description; elsewhere (no such file) the ISA is ``"unknown"``.
+
+    Returns:
+      ``(model, isa)``; ``isa`` is ``"avx512"``, ``"avx2"``, ``"avx"``, ``"noavx"`` (x86
+      without AVX) or ``"unknown"``.
+    """
+    path = pathlib.Path(cpuinfo)
+    if not path.is_file():
+        return platform.processor() or platform.machine(), "unknown"
+    model, flags = platform.processor() or "unknown model", set()
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+    isa = next((isa for flag, isa in (("avx512f", "avx512"), ("avx2", "avx2"), ("avx", "avx"))
+                if flag in flags), "noavx" if flags else "unknown")
+    return model, isa
+
+
+def describe_machine() -> str:
+    """One line for result files, e.g. ``"x86_64 CPU (AMD EPYC 9B14, avx2), 2 cores"``."""
+    model, isa = cpu_features()
+    return f"{platform.machine()} CPU ({model}, {isa}), {os.cpu_count()} cores"
 
 
 def configure() -> dict[str, bool]:
