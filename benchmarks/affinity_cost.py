@@ -48,7 +48,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -20,7 +19,8 @@ import time
 import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import jax_cases  # noqa: E402
+import jax_cases  # noqa: E402  (puts the repository on sys.path)
+from tr_jax import cpu_runtime  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -55,7 +55,7 @@ def main() -> None:
               / med["one task of 312"]}
     info = {"jax": jax.__version__, "backend": jax.default_backend(),
             "device": str(jax.devices()[0]), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "load_avg": os.getloadavg(),
+            "machine": cpu_runtime.describe_machine(), "load_avg": os.getloadavg(),
             "hw": a.hw, "batch": a.batch, "rounds": a.rounds}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "routing_overhead.json").write_text(json.dumps(

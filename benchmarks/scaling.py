@@ -538,6 +538,7 @@ def main(argv: list[str] | None = None) -> None:
         worker(json.loads(args.worker))
         return
     if args.precision:
+        _start_jax(None)
         print("RESULT " + json.dumps(run_precision(args.precision)))
         return
     if args.scale:
@@ -546,7 +547,8 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(out))
         return
     parts = args.parts.split(",")
-    results = {"machine": f"{os.cpu_count()} CPU cores (shared, loaded)", "reps": args.reps}
+    from tr_jax import cpu_runtime
+    results = {"machine": f"{cpu_runtime.describe_machine()} (shared, loaded)", "reps": args.reps}
     for part in parts:
         print(f"part {part}", flush=True)
         t0 = time.perf_counter()

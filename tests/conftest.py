@@ -6,7 +6,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The tests' shapes are tiny, so compiling dominates their time. XLA:CPU's backend (LLVM)
 # optimization level 0 cut the routed-VGG equivalence test from 53 to 30 s; it makes slower
 # kernels that agree with optimized ones within every test's tolerance. Subprocesses inherit
-# it (tests/test_sharding.py passes it explicitly); benchmarks and the tr-jax CLI do not set it.
+# it (tests/test_sharding.py passes it on); benchmarks and the tr-jax CLI do not set it.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()

@@ -80,5 +80,15 @@ def test_cpu_features_reads_model_and_widest_isa(tmp_path, flags, isa):
     assert cpu_runtime.cpu_features(str(cpuinfo)) == ("AMD EPYC 9B14", isa)
 
 
-def test_cpu_features_without_cpuinfo_says_unknown(tmp_path):
-    assert cpu_runtime.cpu_features(str(tmp_path / "missing"))[1] == "unknown"
+def test_cpu_features_without_x86_flags_says_unknown(tmp_path):
+    arm = tmp_path / "cpuinfo"   # an ARM cpuinfo: "Features", no "flags" or "model name"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve\nCPU implementer\t: 0x41\n")
+    for path in (arm, tmp_path / "missing"):
+        model, isa = cpu_runtime.cpu_features(str(path))
+        assert isa == "unknown" and model
+
+
+def test_describe_machine_names_this_machine():
+    model, isa = cpu_runtime.cpu_features()
+    line = cpu_runtime.describe_machine()
+    assert f"({model}, {isa})" in line and line.endswith(f"{os.cpu_count()} cores")

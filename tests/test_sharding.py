@@ -38,8 +38,11 @@ def _free_port() -> int:
 
 def _start(script: str, *args, env_extra=None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **(env_extra or {}),
-               XLA_FLAGS="--xla_backend_optimization_level=0")   # fast compiles (conftest.py)
+    # Of XLA_FLAGS only the tests' optimization level (tests/conftest.py) is passed on.
+    opt_level = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if f.startswith("--xla_backend_optimization_level")]
+    env.update({"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+                "XLA_FLAGS": " ".join(opt_level), **(env_extra or {})})
     return subprocess.Popen([sys.executable, str(HELPERS / script), *map(str, args)], env=env,
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -86,17 +86,15 @@ def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, str]:
     ratios on an AVX2 and an AVX-512 machine of the same model family.
 
     Args:
-      cpuinfo: Linux's CPU description; elsewhere (no such file) the ISA is ``"unknown"``.
+      cpuinfo: Linux's CPU description.
 
     Returns:
       ``(model, isa)``; ``isa`` is ``"avx512"``, ``"avx2"``, ``"avx"``, ``"noavx"`` (x86
-      without AVX) or ``"unknown"``.
+      flags without AVX) or ``"unknown"`` (no such file, or no ``flags`` line as on ARM).
     """
     path = pathlib.Path(cpuinfo)
-    if not path.is_file():
-        return platform.processor() or platform.machine(), "unknown"
-    model, flags = platform.processor() or "unknown model", set()
-    for line in path.read_text().splitlines():
+    model, flags = platform.processor() or platform.machine(), set()
+    for line in path.read_text().splitlines() if path.is_file() else ():
         key, _, value = line.partition(":")
         if key.strip() == "model name":
             model = value.strip()
