@@ -7,8 +7,8 @@ lowering runs.
 Three lowerings compute the same convolution (equal up to float rounding):
 
 * ``"xla"`` -- ``lax.conv_general_dilated``: what ``flax.linen.Conv`` runs. The right choice
-  on GPU and TPU, and on CPU for maps larger than 8x8 (and for 8x8 maps whose kernel is not
-  3x3 stride 1).
+  on GPU and TPU, and on CPU for maps larger than 16x16 (and for smaller maps whose kernel is
+  not 3x3 stride 1).
 * ``"im2col"`` -- patches + one matrix product: the input is padded, the kh*kw shifted
   (strided) windows are concatenated along channels into (B, H', W', kh*kw*Cin) and
   contracted with the kernel reshaped to (kh*kw*Cin, Cout). XLA:CPU runs a 3x3 conv on a 2x2
@@ -19,7 +19,7 @@ Three lowerings compute the same convolution (equal up to float rounding):
 * ``"winograd"`` -- 3x3 stride-1 convolutions only: the value by Winograd's F(2x2, 3x3)
   (:mod:`tr_jax.nn.winograd`), 2.25x fewer multiplications, its derivatives by the same
   direct convolutions as ``"xla"``. On XLA:CPU its forward is 25-40 % faster than ``"xla"`` on
-  8x8 maps with 128-512 channels (VGG-11's third and fourth blocks).
+  8x8 maps with 128-512 channels (VGG-11's third and fourth blocks) and 10-15 % on 16x16 maps.
 
 ``lowering="auto"`` (the default) picks per call, at trace time: ``"xla"`` off CPU; on CPU
 ``"im2col"`` when the output map has at most :data:`IM2COL_MAX_AREA` positions, else
@@ -52,9 +52,13 @@ ENV_VAR = "TR_JAX_CONV_LOWERING"
 # 704 / 14 / 363; 4x4 512->512 50 / 51 / 46 (a tie); 8x8 512->512 188 / 211 / 166.
 IM2COL_MAX_AREA = 16
 # Above that, up to this many output positions, "auto" uses "winograd" for 3x3 stride-1 convs.
-# Forward, float32, batch 32 (xla vs winograd): 8x8 maps 128->256 11.8 vs 7.3 ms, 256->256
-# 23.8 vs 14.1, 512->512 100.9 vs 80.1; 16x16 maps are mixed (128->256 50.7 vs 52.3).
-WINOGRAD_MAX_AREA = 64
+# Forward, float32, batch 32, AVX-512 (xla vs winograd): 8x8 maps 128->256 11.8 vs 7.3 ms,
+# 256->256 23.8 vs 14.1, 512->512 100.9 vs 80.1; 16x16 maps 64->128 11.4 vs 8.6, 128->256
+# 50.7 vs 52.3, 256->256 99.7 vs 85.5. With the gradients, AVX2, Eigen convolutions
+# (benchmarks/conv_lowering.py, two runs): 16x16 -8 to -14 %; 32x32 a tie (VGG's 64->128
+# -7 % and +6 %, TAG's 64->64 at batch 64 +2 % and 0 %), so 32x32 maps stay "xla". The
+# routed VGG-11 eval step at 64x64 input went from 270 to 228 ms (train steps: within noise).
+WINOGRAD_MAX_AREA = 256
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
 

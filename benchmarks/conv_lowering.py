@@ -1,0 +1,113 @@
+"""Which convolution lowering is fastest for each 3x3 layer of the benchmarked networks.
+
+``tr_jax.nn.conv2d(lowering="auto")`` picks ``"im2col"``, ``"winograd"`` or ``"xla"`` by the
+output map's area (``IM2COL_MAX_AREA``, ``WINOGRAD_MAX_AREA`` in ``tr_jax/nn/conv.py``). The
+best thresholds depend on the CPU's vector ISA (the peers' and XLA's kernels differ between
+AVX2 and AVX-512), so this times every lowering on every layer shape of routed VGG-11-BN
+(32x32 and 64x64 input, batch 32) and of the TAG encoder (32x32 64->64 maps, batch 64):
+value and both gradients of ``sum(conv(x, k) ** 2)`` under one ``jax.jit``, interleaved
+across lowerings, median of ``--reps`` rounds. The table says which lowering ``"auto"`` picks
+and how far it is from the fastest; a row far above 1.0 means a threshold should move on
+that ISA.
+
+Usage:
+  python benchmarks/conv_lowering.py [--reps 7] [--out benchmarks/results/conv_lowering_<isa>]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+from typing import Callable
+
+import jax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from tr_jax import cpu_runtime  # noqa: E402
+from tr_jax.nn import conv  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+LOWERINGS = ("xla", "im2col", "winograd")
+# (batch, map side, Cin, Cout) of every distinct 3x3 layer; the network(s) it occurs in.
+LAYERS = (
+    (32, 2, 512, 512, "VGG 32"), (32, 4, 256, 512, "VGG 32"), (32, 4, 512, 512, "VGG 32, 64"),
+    (32, 8, 128, 256, "VGG 32"), (32, 8, 256, 256, "VGG 32"), (32, 8, 256, 512, "VGG 64"),
+    (32, 8, 512, 512, "VGG 64"), (32, 16, 64, 128, "VGG 32"), (32, 16, 128, 256, "VGG 64"),
+    (32, 16, 256, 256, "VGG 64"), (32, 32, 64, 128, "VGG 64"), (64, 32, 64, 64, "TAG"),
+)
+
+
+def value_and_grads(batch: int, hw: int, cin: int, cout: int,
+                    lowering: str) -> Callable[[], None]:
+    """Compiles value and (x, kernel) gradients of one layer; returns a blocking call."""
+    x = jax.random.normal(jax.random.key(0), (batch, hw, hw, cin))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) * (9 * cin) ** -0.5
+    fn = jax.jit(jax.value_and_grad(
+        lambda x, k: (conv.conv2d(x, k, lowering=lowering) ** 2).sum(), argnums=(0, 1)))
+    jax.block_until_ready(fn(x, kernel))
+    return lambda: jax.block_until_ready(fn(x, kernel))
+
+
+def measure(reps: int) -> list[dict]:
+    """One row per layer: median ms per lowering, the fastest, and ``"auto"``'s pick."""
+    rows = []
+    for batch, hw, cin, cout, where in LAYERS:
+        calls = {low: value_and_grads(batch, hw, cin, cout, low) for low in LOWERINGS}
+        times: dict[str, list[float]] = {low: [] for low in LOWERINGS}
+        for _ in range(reps):
+            for low, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[low].append((time.perf_counter() - start) * 1e3)
+        ms = {low: statistics.median(t) for low, t in times.items()}
+        auto = conv.resolve_lowering("auto", (batch, hw, hw, cin), (3, 3, cin, cout))
+        fastest = min(ms, key=ms.get)
+        rows.append({"batch": batch, "hw": hw, "cin": cin, "cout": cout, "where": where,
+                     "ms": ms, "auto": auto, "fastest": fastest,
+                     "auto_over_fastest": ms[auto] / ms[fastest]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], info: dict) -> str:
+    lines = ["# Convolution lowering per layer (benchmarks/conv_lowering.py)", "",
+             f"{info['machine']}; jax {info['jax']}; value + both gradients, median of "
+             f"{info['reps']} interleaved rounds, ms ({info['date']}, load average at the start "
+             f"{info['load_avg'][0]:.1f}). Thresholds: im2col up to {info['im2col_max_area']} "
+             f"output positions, winograd up to {info['winograd_max_area']}.", "",
+             "| layer (batch, map, Cin->Cout) | in | xla | im2col | winograd | auto picks | "
+             "auto / fastest |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = " | ".join(f"**{r['ms'][low]:.1f}**" if low == r["fastest"] else
+                        f"{r['ms'][low]:.1f}" for low in LOWERINGS)
+        lines.append(f"| {r['batch']}, {r['hw']}x{r['hw']}, {r['cin']}->{r['cout']} | "
+                     f"{r['where']} | {ms} | {r['auto']} | {r['auto_over_fastest']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--out", help="path without suffix (default: results/conv_lowering_<isa>)")
+    args = parser.parse_args(argv)
+    cpu_runtime.configure()   # as the tr-jax command line does (Eigen convolutions)
+    load_avg = os.getloadavg()
+    rows = measure(args.reps)
+    isa = cpu_runtime.cpu_features()[1]
+    info = {"machine": cpu_runtime.describe_machine(), "isa": isa, "jax": jax.__version__,
+            "reps": args.reps, "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg": load_avg,
+            "im2col_max_area": conv.IM2COL_MAX_AREA,
+            "winograd_max_area": conv.WINOGRAD_MAX_AREA}
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"conv_lowering_{isa}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(markdown(rows, info))
+    print(markdown(rows, info))
+
+
+if __name__ == "__main__":
+    main()
