@@ -27,10 +27,10 @@ from typing import Callable
 import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import results_io  # noqa: E402
 from tr_jax import cpu_runtime  # noqa: E402
 from tr_jax.nn import conv  # noqa: E402
-
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 LOWERINGS = ("xla", "im2col", "winograd")
 # (batch, map side, Cin, Cout) of every distinct 3x3 layer; the network(s) it occurs in.
 LAYERS = (
@@ -97,16 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     cpu_runtime.configure()   # as the tr-jax command line does (Eigen convolutions)
     load_avg = os.getloadavg()
     rows = measure(args.reps)
-    isa = cpu_runtime.cpu_features()[1]
-    info = {"machine": cpu_runtime.describe_machine(), "isa": isa, "jax": jax.__version__,
-            "reps": args.reps, "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg": load_avg,
+    info = {**results_io.machine_info(load_avg), "reps": args.reps,
             "im2col_max_area": conv.IM2COL_MAX_AREA,
             "winograd_max_area": conv.WINOGRAD_MAX_AREA}
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"conv_lowering_{isa}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(markdown(rows, info))
-    print(markdown(rows, info))
+    results_io.write_results("conv_lowering", args.out, {"info": info, "rows": rows},
+                             markdown(rows, info))
 
 
 if __name__ == "__main__":

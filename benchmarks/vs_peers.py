@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,14 +33,11 @@ import tempfile
 import time
 from typing import Callable
 
-import jax
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import jax_cases  # noqa: E402  (puts the repository on sys.path)
-from tr_jax import cpu_runtime  # noqa: E402
+import results_io  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 ANCHORS = REPO.parent / "shared" / "anchors"
 PEER_ENVS = pathlib.Path.home() / ".cache" / "anchors"
 
@@ -217,16 +213,10 @@ def main(argv: list[str] | None = None) -> None:
                         "ratio": statistics.median(m / p for m, p in zip(mine, peer)),
                         "compile_s": compile_s[row.key], "peer_ms_rounds": peer,
                         "jax_ms_rounds": mine})
-    isa = cpu_runtime.cpu_features()[1]
-    info = {"machine": cpu_runtime.describe_machine(), "isa": isa,
-            "jax": jax.__version__, "python": platform.python_version(),
-            "rounds": args.rounds, "steps": args.steps, "slow_steps": args.slow_steps,
-            "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg": load_avg}
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"vs_peers_{isa}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"info": info, "summary": summary}, indent=1))
-    out.with_suffix(".md").write_text(markdown(summary, info))
-    print(markdown(summary, info))
+    info = {**results_io.machine_info(load_avg), "rounds": args.rounds, "steps": args.steps,
+            "slow_steps": args.slow_steps}
+    results_io.write_results("vs_peers", args.out, {"info": info, "summary": summary},
+                             markdown(summary, info))
 
 
 if __name__ == "__main__":

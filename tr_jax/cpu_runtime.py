@@ -105,9 +105,13 @@ def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, str]:
     return model, isa
 
 
-def describe_machine() -> str:
-    """One line for result files, e.g. ``"x86_64 CPU (AMD EPYC 9B14, avx2), 2 cores"``."""
-    model, isa = cpu_features()
+def describe_machine(features: tuple[str, str] | None = None) -> str:
+    """One line for result files, e.g. ``"x86_64 CPU (AMD EPYC 9B14, avx2), 2 cores"``.
+
+    Args:
+      features: :func:`cpu_features`'s result where the caller already has it.
+    """
+    model, isa = features or cpu_features()
     return f"{platform.machine()} CPU ({model}, {isa}), {os.cpu_count()} cores"
 
 
