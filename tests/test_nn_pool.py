@@ -19,6 +19,8 @@ CASES = [
     ((1, 2, 2, 2), (2, 2), (2, 2), "VALID"),
     ((3, 7, 6, 4), (3, 2), (1, 2), ((1, 2), (0, 1))),
     ((2, 3, 3, 1), (3, 3), (1, 1), ((2, 2), (2, 2))),
+    ((2, 9, 7, 3), (2, 2), (2, 2), "VALID"),   # trailing rows and columns no window reaches
+    ((2, 8, 7, 2), (2, 2), (3, 3), "VALID"),   # stride wider than the window
 ]
 
 

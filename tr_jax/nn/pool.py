@@ -1,4 +1,4 @@
-"""Max pooling as a chain of selects over strided window slices.
+"""Max pooling as a chain of selects over window slices of the input's stride phases.
 
 ``flax.linen.max_pool`` lowers to ``lax.reduce_window``; its derivative in current JAX is a
 variadic reduce-window that carries one int32 index array per input dimension (built from
@@ -6,12 +6,14 @@ full-size iotas) plus a scatter. On XLA:CPU that costs about as much as a convol
 of VGG-11 (~16% of a train step, see ``benchmarks/results/perf_notes.md``).
 
 :func:`max_pool` keeps ``lax.reduce_window`` for the value (the fastest forward) and gives it
-a custom JVP that pools separably, along W and then along H: the window offsets are taken as
-strided slices (of the ``-inf``-padded input) and folded with ``where(x_k > acc, x_k, acc)``,
-carrying the tangent along. The value is the window maximum and the gradient of each output
-goes to the first maximum of its window in row-major order, as ``flax.linen.max_pool``'s does.
-Every op of the rule is elementwise or a slice, so XLA fuses it into loops and its transpose
-into pads and adds, on every backend. NaNs propagate like ``max``.
+a custom JVP that pools separably, along H and then along W: the (``-inf``-padded) axis is
+reshaped into (L, stride) stride phases, so every window offset is a contiguous slice of one
+phase, and the offsets are folded with ``where(x_k > acc, x_k, acc)``, carrying the tangent
+along (and, along W, breaking ties by the row the H pass chose). The value is the window
+maximum and the gradient of each output goes to the first maximum of its window in row-major
+order, as ``flax.linen.max_pool``'s does.
+Every op of the rule is elementwise, a reshape or a slice, so XLA fuses it into loops and its
+transpose into pads, reshapes and adds, on every backend. NaNs propagate like ``max``.
 """
 from __future__ import annotations
 
@@ -25,43 +27,54 @@ from jax import lax
 from tr_jax.nn.conv import Padding, explicit_padding, output_hw
 
 
-def _window_slice(a: jax.Array, axis: int, offset: int, stride: int, out_len: int,
-                  fill) -> jax.Array:
-    """``a[o * stride + offset]`` along ``axis`` for o in [0, out_len); ``fill`` outside ``a``.
+def _phase_split(a: jax.Array, axis: int, stride: int, pad_lo: int, rows: int,
+                 fill) -> jax.Array:
+    """``a`` split along ``axis`` into (rows, stride) stride phases: ``[q, r]`` holds
+    ``a[q * stride + r - pad_lo]``, ``fill`` where that index is outside ``a``.
 
-    Only the out-of-range ends are padded (not the whole input), so XLA fuses slice and pad
-    into the consumer.
+    Window tap k of output o, ``a[o * stride + k - pad_lo]``, is then the contiguous slice
+    ``[o + k // stride, k % stride]``. Strided slices instead transpose to interior
+    (strided) pads, which XLA:CPU fuses into slow loops: the TAG pool's value and gradient
+    took 2.4x as long with them (perf_notes.md, section 8).
     """
-    n = a.shape[axis]
-    first = max(0, -(offset // stride))                    # first o with o*stride+offset >= 0
-    last = min(out_len, (n - 1 - offset) // stride + 1)    # one past the last in-range o
-    if last <= first:  # the window offset never lands inside ``a``
-        shape = list(a.shape)
-        shape[axis] = out_len
-        return jnp.full(shape, fill, a.dtype)
-    start = first * stride + offset
-    win = lax.slice_in_dim(a, start, start + (last - first - 1) * stride + 1, stride, axis)
-    if (first, last) == (0, out_len):
-        return win
-    widths = [(0, 0, 0)] * a.ndim
-    widths[axis] = (first, out_len - last, 0)
-    return lax.pad(win, jnp.array(fill, a.dtype), widths)
+    hi = rows * stride - a.shape[axis] - pad_lo
+    if hi < 0:  # trailing elements no window reaches
+        a = lax.slice_in_dim(a, 0, a.shape[axis] + hi, axis=axis)
+    if pad_lo or hi > 0:
+        widths = [(0, 0, 0)] * a.ndim
+        widths[axis] = (pad_lo, max(hi, 0), 0)
+        a = lax.pad(a, jnp.array(fill, a.dtype), widths)
+    return a.reshape(a.shape[:axis] + (rows, stride) + a.shape[axis + 1:])
 
 
 def _pool_1d(x: jax.Array, t: jax.Array, axis: int, size: int, stride: int,
-             pad: tuple[int, int], out_len: int) -> tuple[jax.Array, jax.Array]:
-    """Max-pools ``x`` along one axis, carrying the tangent ``t`` of the first maximum."""
-    out = out_t = None
+             pad: tuple[int, int], out_len: int,
+             rank: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Max-pools ``x`` along one axis, carrying the tangent ``t`` of the winning element.
+
+    Among equal maxima the first window offset wins or, given ``rank`` (integers shaped like
+    ``x``), the one of lowest rank, then the first. Returns the maximum, its tangent and the
+    winning offset k (int8 if ``size`` < 128), each shaped like ``x`` with ``axis`` of length
+    ``out_len``.
+    """
+    rows = out_len + (size - 1) // stride
+    inputs = [(x, -jnp.inf), (t, 0)] + ([] if rank is None else [(rank, size)])
+    phases = [_phase_split(a, axis, stride, pad[0], rows, fill) for a, fill in inputs]
+    best = winner = None
     for k in range(size):
-        win = _window_slice(x, axis, k - pad[0], stride, out_len, -jnp.inf)
-        win_t = _window_slice(t, axis, k - pad[0], stride, out_len, 0)
-        if out is None:
-            out, out_t = win, win_t
+        q, r = divmod(k, stride)
+        win = [lax.slice_in_dim(lax.index_in_dim(p, r, axis + 1, keepdims=False),
+                                q, q + out_len, axis=axis) for p in phases]
+        if best is None:
+            best, winner = win, jnp.zeros(win[0].shape, jnp.int8 if size < 128 else jnp.int32)
             continue
         # Strict ">" keeps the first maximum; "win != win" lets a NaN through, as max does.
-        take = (win > out) | (win != win)
-        out, out_t = jnp.where(take, win, out), jnp.where(take, win_t, out_t)
-    return out, out_t
+        take = (win[0] > best[0]) | (win[0] != win[0])
+        if rank is not None:
+            take = take | ((win[0] == best[0]) & (win[2] < best[2]))
+        best = [jnp.where(take, a, b) for a, b in zip(win, best)]
+        winner = jnp.where(take, jnp.asarray(k, winner.dtype), winner)
+    return best[0], best[1], winner
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
@@ -73,11 +86,15 @@ def _max_pool(x, window, strides, pads, out_hw):
 
 @_max_pool.defjvp
 def _max_pool_jvp(window, strides, pads, out_hw, primals, tangents):
-    # Max is separable: pooling along W, then along H, selects per window the first maximum
-    # of the first row holding one -- the row-major first maximum of the 2-D window.
+    # Max is separable: pool along H (each column's first maximum and its row), then along W,
+    # where equal column maxima go to the lowest row, then the first column -- the row-major
+    # first maximum of the 2-D window. H before W: the transpose then ends in the outer-axis
+    # phase split, whose pads XLA:CPU fuses into faster loops (TAG plain step -8 %,
+    # perf_notes.md section 8).
     (x,), (t,) = primals, tangents
-    x, t = _pool_1d(x, t, 2, window[1], strides[1], pads[1], out_hw[1])
-    return _pool_1d(x, t, 1, window[0], strides[0], pads[0], out_hw[0])
+    x, t, rows = _pool_1d(x, t, 1, window[0], strides[0], pads[0], out_hw[0])
+    x, t, _ = _pool_1d(x, t, 2, window[1], strides[1], pads[1], out_hw[1], rank=rows)
+    return x, t
 
 
 def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
