@@ -58,7 +58,10 @@ def _pool_1d(x: jax.Array, t: jax.Array, axis: int, size: int, stride: int,
     ``out_len``.
     """
     rows = out_len + (size - 1) // stride
-    inputs = [(x, -jnp.inf), (t, 0)] + ([] if rank is None else [(rank, size)])
+    # Padding never has the lowest rank, so it loses ties along this axis.
+    inputs = [(x, -jnp.inf), (t, 0)]
+    if rank is not None:
+        inputs.append((rank, jnp.iinfo(rank.dtype).max))
     phases = [_phase_split(a, axis, stride, pad[0], rows, fill) for a, fill in inputs]
     best = winner = None
     for k in range(size):
