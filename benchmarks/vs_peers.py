@@ -1,9 +1,9 @@
-"""tr_jax against the PyTorch and TF2 peers, side by side on one machine (issue 10).
+"""tr_jax against the PyTorch and TF2 peers, side by side on one machine.
 
 Run from the repository root (the peers' virtual environments come from
 ``bash ../shared/anchors/setup_envs.sh``, about 1.5 min)::
 
-    .venv/bin/tr-jax bench peers                  # 3 rounds, about 25 min on 2 cores
+    .venv/bin/tr-jax bench peers                  # = tr-jax bench vs_peers; 3 rounds, about 25 min on 2 cores
     .venv/bin/python benchmarks/vs_peers.py --rounds 1 --rows tr_train_32,tag_plain_9
 
 The peers are the official-style implementations in ``../shared/anchors`` (``tr_torch.py``:

@@ -44,6 +44,25 @@ def test_bench_runs_the_named_script_with_its_arguments(capsys):
     assert "usage" in capsys.readouterr().out
 
 
+def test_bench_peers_is_an_alias_of_vs_peers(monkeypatch):
+    ran = []
+    monkeypatch.setattr(cli.runpy, "run_path",
+                        lambda path, run_name: ran.append((path, run_name, list(cli.sys.argv))))
+    monkeypatch.setattr(cli.sys, "argv", list(cli.sys.argv))   # _bench rewrites sys.argv
+    for name in ("peers", "vs_peers"):
+        cli.main(["bench", name, "--help"])
+    script = str(pathlib.Path(cli.BENCHMARKS) / "vs_peers.py")
+    assert ran == [(script, "__main__", [script, "--help"])] * 2
+
+
+def test_bench_help_and_unknown_name_list_the_peers_alias(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    assert "peers = vs_peers" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"peers \(= vs_peers\)"):
+        cli.main(["bench", "nope"])
+
+
 def test_bench_unknown_name_lists_the_available_ones():
     with pytest.raises(SystemExit, match="no benchmark 'nope'.*affinity_cost"):
         cli.main(["bench", "nope"])

@@ -3,8 +3,9 @@
   tr-jax                                   quickstart: the task-grouping study on offline digits
   tr-jax train --config CONFIG.py[:ARG] [--config.field=value ...] [--workdir DIR] [--resume]
   tr-jax study --config CONFIG.py [--config.field=value ...] [--workdir DIR]
-  tr-jax affinity --config CONFIG.py [--method lookahead|taylor|...] [--workdir DIR]
-  tr-jax bench NAME [ARGS ...]              run benchmarks/NAME.py (source checkout) with ARGS
+  tr-jax affinity --config CONFIG.py [--method lookahead|taylor|...] [--workdir DIR] [--resume]
+  tr-jax bench NAME [ARGS ...]              run benchmarks/NAME.py (source checkout) with ARGS;
+                                           `bench peers` is benchmarks/vs_peers.py
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ BENCHMARKS = REPO / "benchmarks"
 DEFAULT_CONFIG = REPO / "experiments" / "configs" / "digits.py"
 STUDY_CONFIG = REPO / "experiments" / "configs" / "study_digits.py"
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped by SIGTERM after saving a checkpoint
+BENCH_ALIASES = {"peers": "vs_peers"}  # `tr-jax bench peers` runs benchmarks/vs_peers.py
 
 
 def load_config(path: str, overrides: list[str]):
@@ -96,8 +98,10 @@ def _runnable(script: Path) -> bool:
 
 
 def _bench(args, rest) -> None:
-    script = BENCHMARKS / f"{args.name}.py"
+    script = BENCHMARKS / f"{BENCH_ALIASES.get(args.name, args.name)}.py"
     available = sorted(p.stem for p in BENCHMARKS.glob("*.py") if _runnable(p))
+    available += [f"{alias} (= {name})" for alias, name in sorted(BENCH_ALIASES.items())
+                  if name in available]
     if not script.is_file() or not _runnable(script):
         listed = ", ".join(available) or ("none (benchmarks/ ships with the source checkout: "
                                           "git clone the repository)")
@@ -138,10 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/affinity", help="where the matrix goes")
     p.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoints")
     p.set_defaults(func=_affinity)
-    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (e.g. peers, "
+    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (e.g. peers = vs_peers, "
                                      "affinity_cost, affinity_estimators); extra arguments go "
                                      "to it (NAME --help lists them)")
-    p.add_argument("name", help="benchmark name: benchmarks/NAME.py")
+    p.add_argument("name", help="benchmark name: benchmarks/NAME.py; aliases: "
+                                + ", ".join(f"{a} = {n}" for a, n in BENCH_ALIASES.items()))
     p.set_defaults(func=_bench)
     return parser
 

@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.lr_decay_epochs = 0
     c.eval_batch_size = 512      # validation and test in one batch each
     c.validation_fraction = 0.2  # of "train", held out for HOA's validation errors
-    # affinity (TAG: lookahead with the optimizer's own momentum step, every step)
+    # affinity (TAG lookahead every step, with a plain SGD step lr * g_i; "optimizer" would
+    # take the optimizer's own momentum step instead)
     c.affinity_every = 1
     c.lookahead = "sgd"
     c.strategy = "auto"
