@@ -1,7 +1,7 @@
 """tr_jax.nn.conv: every lowering equals flax.linen.Conv (forward and gradients), float32 and
 float64, over map sizes 1x1 .. 9x9 (incl. 2x2), kernels, strides and paddings (winograd: the
-3x3 stride-1 cases); forward-mode and nested derivatives; the "auto" choice and its
-overrides."""
+3x3 stride-1 cases); forward-mode and nested derivatives; the "auto" choice (by map size and
+dtype) and its overrides; argument errors."""
 import functools
 
 import flax.linen as nn
@@ -51,17 +51,16 @@ def _compare_all_cases(cases, dtype, rtol, atol, grad_rtol):
     lowering against flax.linen.Conv with the same parameters (odd cases without bias)."""
     runs = []
     for i, (hw, kernel, strides, padding) in enumerate(cases):
-        for use_bias in (i % 2 == 0,):
-            x = jax.random.normal(jax.random.key(i), (2, *hw, 5), dtype)
-            ref = nn.Conv(4, kernel, strides, padding, use_bias=use_bias, param_dtype=dtype)
-            params = ref.init(jax.random.key(100 + i), x)["params"]
-            if use_bias:  # a non-zero bias, so that its gradient path is exercised
-                params = {**params, "bias": jax.random.normal(jax.random.key(200 + i), (4,),
-                                                              dtype)}
-            mine = {low: conv_lib.Conv(4, kernel, strides, padding, use_bias=use_bias,
-                                       param_dtype=dtype, lowering=low)
-                    for low in _lowerings(kernel, strides)}
-            runs.append((f"case {cases[i]} bias={use_bias}", ref, mine, params, x))
+        use_bias = i % 2 == 0
+        x = jax.random.normal(jax.random.key(i), (2, *hw, 5), dtype)
+        ref = nn.Conv(4, kernel, strides, padding, use_bias=use_bias, param_dtype=dtype)
+        params = ref.init(jax.random.key(100 + i), x)["params"]
+        if use_bias:  # a non-zero bias, so that its gradient path is exercised
+            params = {**params, "bias": jax.random.normal(jax.random.key(200 + i), (4,), dtype)}
+        mine = {low: conv_lib.Conv(4, kernel, strides, padding, use_bias=use_bias,
+                                   param_dtype=dtype, lowering=low)
+                for low in _lowerings(kernel, strides)}
+        runs.append((f"case {cases[i]} bias={use_bias}", ref, mine, params, x))
 
     @jax.jit
     def evaluate(inputs):
@@ -161,6 +160,29 @@ def test_auto_picks_winograd_for_3x3_stride_1_on_mid_maps_on_cpu(monkeypatch):
                                      (2, 2)) == "xla"
 
 
+def test_auto_leaves_winograd_to_float32_and_float64(monkeypatch):
+    """bfloat16 and float16 lose accuracy in Winograd's transforms: "auto" gives them "xla"
+    where float32 gets "winograd" (small maps stay "im2col" whatever the dtype)."""
+    monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
+    shape, kernel = (32, 8, 8, 8), (3, 3, 8, 8)
+    for dtype in (jnp.float32, jnp.float64):
+        assert conv_lib.resolve_lowering("auto", shape, kernel, dtype=dtype) == "winograd"
+    for dtype in (jnp.bfloat16, jnp.float16):
+        assert conv_lib.resolve_lowering("auto", shape, kernel, dtype=dtype) == "xla"
+        assert conv_lib.resolve_lowering("auto", (32, 2, 2, 8), kernel, dtype=dtype) == "im2col"
+
+
+def test_conv2d_auto_runs_xla_for_bfloat16_mid_maps(monkeypatch):
+    """conv2d decides with x's dtype: a bfloat16 8x8 map gets exactly the "xla" result (the
+    winograd one rounds differently)."""
+    monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16), jnp.bfloat16)
+    k = jax.random.normal(jax.random.key(1), (3, 3, 16, 8), jnp.bfloat16)
+    assert not np.array_equal(conv_lib.conv2d(x, k, lowering="winograd"),
+                              conv_lib.conv2d(x, k, lowering="xla"))
+    np.testing.assert_array_equal(conv_lib.conv2d(x, k), conv_lib.conv2d(x, k, lowering="xla"))
+
+
 def test_auto_is_xla_off_cpu(monkeypatch):
     monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -196,3 +218,39 @@ def test_bad_arguments_raise_clear_errors():
         conv_lib.conv2d(jnp.ones((1, 1, 1, 3)), k, padding="VALID", lowering="winograd")
     with pytest.raises(ValueError, match="padding"):
         conv_lib.conv2d(x, k, padding=((1, 1), (1, 1), (1, 1)))
+
+
+@pytest.mark.parametrize("lowering", LOWERINGS + ("auto",))
+def test_a_kernel_larger_than_the_padded_map_raises_for_every_lowering(lowering):
+    """No lowering returns an empty (B, 0, 0, Cout) map: conv2d checks the fit first."""
+    with pytest.raises(ValueError, match=r"kernel \(3, 3\) .* does not fit the map \(2, 2\)"):
+        conv_lib.conv2d(jnp.ones((1, 2, 2, 2)), jnp.ones((3, 3, 2, 2)), padding="VALID",
+                        lowering=lowering)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(strides=(0, 0)), r"strides=\(0, 0\) must be a positive int n"),
+    (dict(strides=(1, 2, 1)), r"strides=\(1, 2, 1\) must be a positive int"),
+    (dict(strides="2"), r"strides='2' must be a positive int"),
+    (dict(strides=1.5), r"strides=1.5 must be a positive int"),
+    (dict(padding=((1, 1), (1,))), r"padding\[1\]=\(1,\) must be an int n"),
+    (dict(padding=(1.0, 1)), r"padding\[0\]=1.0 must be an int n"),
+    (dict(padding=(1, 1, 1)), "must describe the 2 spatial dims"),
+])
+def test_malformed_strides_and_padding_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        conv_lib.conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 3, 2)), **kwargs)
+
+
+def test_int_strides_kernel_size_and_numpy_int_padding():
+    """An int n means (n, n), NumPy ints included, as for flax's 2-D windows."""
+    x, k = jax.random.normal(jax.random.key(0), (1, 5, 5, 3)), jnp.ones((3, 3, 3, 2))
+    want = conv_lib.conv2d(x, k, (2, 2), ((1, 1), (1, 1)), lowering="xla")
+    for strides, padding in ((2, 1), (np.int64(2), np.int64(1)), ((2, 2), (np.int32(1), 1))):
+        np.testing.assert_array_equal(
+            conv_lib.conv2d(x, k, strides, padding, lowering="xla"), want)
+    module = conv_lib.Conv(2, kernel_size=np.int64(3), strides=2, padding=1, lowering="xla")
+    params = module.init(jax.random.key(0), x)
+    assert params["params"]["kernel"].shape == (3, 3, 3, 2)
+    with pytest.raises(ValueError, match="kernel_size=0 must be a positive int"):
+        conv_lib.Conv(2, kernel_size=0).init(jax.random.key(0), x)

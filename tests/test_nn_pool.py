@@ -92,5 +92,20 @@ def test_bad_arguments():
         max_pool(jnp.ones((4, 4, 3)), (2, 2))
     with pytest.raises(TypeError, match="floating"):
         max_pool(jnp.ones((1, 4, 4, 3), jnp.int32), (2, 2))
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match=r"window \(3, 3\) .* does not fit the map \(2, 2\)"):
         max_pool(jnp.ones((1, 2, 2, 3)), (3, 3))
+    x = jnp.ones((1, 4, 4, 3))
+    with pytest.raises(ValueError, match=r"window_shape=\(2, 2, 2\) must be a positive int"):
+        max_pool(x, (2, 2, 2))
+    with pytest.raises(ValueError, match=r"strides=\(0, 0\) must be a positive int"):
+        max_pool(x, (2, 2), (0, 0))
+    with pytest.raises(ValueError, match=r"padding\[0\]='1' must be an int"):
+        max_pool(x, (2, 2), padding=("1", 1))
+
+
+def test_int_window_strides_and_padding_mean_both_dims():
+    """An int n (NumPy ints included) means (n, n)."""
+    x = _inputs((2, 7, 7, 3), jnp.float32, 0)
+    want = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    for args in ((3, 2, 1), (np.int64(3), np.int32(2), np.int64(1))):
+        np.testing.assert_array_equal(max_pool(x, *args), want)

@@ -23,8 +23,9 @@ Three lowerings compute the same convolution (equal up to float rounding):
 
 ``lowering="auto"`` (the default) picks per call, at trace time: ``"xla"`` off CPU; on CPU
 ``"im2col"`` when the output map has at most :data:`IM2COL_MAX_AREA` positions, else
-``"winograd"`` for a 3x3 stride-1 kernel whose output map has at most
-:data:`WINOGRAD_MAX_AREA` positions, else ``"xla"``. Override it per layer
+``"winograd"`` for a float32 or float64 3x3 stride-1 convolution whose output map has at most
+:data:`WINOGRAD_MAX_AREA` positions, else ``"xla"`` (bfloat16 and float16 too, see
+:data:`WINOGRAD_AUTO_DTYPES`). Override it per layer
 (``Conv(lowering=...)``, ``conv2d(lowering=...)``) or for the whole process with the
 environment variable ``TR_JAX_CONV_LOWERING`` (``auto``, ``xla``, ``im2col`` or ``winograd``;
 ``winograd`` applies to 3x3 stride-1 layers, the others keep ``auto``), which applies where a
@@ -33,12 +34,14 @@ behind the thresholds are in ``benchmarks/results/perf_notes.md``.
 """
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any, Literal, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from tr_jax.nn.winograd import winograd_conv
@@ -59,6 +62,9 @@ IM2COL_MAX_AREA = 16
 # -7 % and +6 %, TAG's 64->64 at batch 64 +2 % and 0 %), so 32x32 maps stay "xla". The
 # routed VGG-11 eval step at 64x64 input went from 270 to 228 ms (train steps: within noise).
 WINOGRAD_MAX_AREA = 256
+# "auto" uses "winograd" only for these input dtypes: in bfloat16 its rounding error is ~3x the
+# direct convolution's (relative error 8.5e-3 vs 3e-3 on XLA:CPU).
+WINOGRAD_AUTO_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
@@ -68,27 +74,52 @@ def _check_lowering(lowering: str, where: str) -> None:
         raise ValueError(f"{where}={lowering!r} is unknown; use one of {LOWERINGS}.")
 
 
+def _is_int(value: Any) -> bool:
+    """Whether ``value`` is a Python or NumPy integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def as_pair(name: str, value: int | Sequence[int], positive: bool = True) -> tuple[int, int]:
+    """``value`` as an (h, w) pair of ints: an int n means (n, n).
+
+    Args:
+      name: the argument's name, for the error message.
+      value: an int (NumPy ints included) or a length-2 sequence of ints.
+      positive: require every entry to be >= 1 (window sizes, strides).
+
+    Raises:
+      ValueError: naming ``name`` and the expected form when ``value`` is anything else.
+    """
+    pair = (value, value) if _is_int(value) else value
+    if (not isinstance(pair, (Sequence, np.ndarray)) or len(pair) != 2
+            or not all(_is_int(v) and (v >= 1 or not positive) for v in pair)):
+        form = ("a positive int n, meaning (n, n), or a pair of positive ints" if positive
+                else "an int n, meaning (n, n), or a pair of ints")
+        raise ValueError(f"{name}={value!r} must be {form}, e.g. {name}=(2, 2).")
+    return int(pair[0]), int(pair[1])
+
+
 def explicit_padding(padding: Padding, in_hw: Sequence[int], kernel_hw: Sequence[int],
                      strides: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
     """Padding as ((top, bottom), (left, right)).
 
     Args:
       padding: ``"SAME"``, ``"SAME_LOWER"``, ``"VALID"``, an int p (p on every side), a pair
-        of ints (per spatial dim, both sides) or a pair of (lo, hi) pairs.
+        of ints (per spatial dim, both sides) or a pair of (lo, hi) pairs; ints may be NumPy
+        ints.
       in_hw: input (H, W).
       kernel_hw: (kh, kw).
       strides: (sh, sw).
     """
     if isinstance(padding, str):
         pads = lax.padtype_to_pads(tuple(in_hw), tuple(kernel_hw), tuple(strides), padding)
-    elif isinstance(padding, int):
-        pads = [(padding, padding)] * 2
-    else:
-        pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-    if len(pads) != 2 or any(len(p) != 2 for p in pads):
+        return tuple((int(lo), int(hi)) for lo, hi in pads)
+    if _is_int(padding):
+        return (as_pair("padding", padding, positive=False),) * 2
+    if not isinstance(padding, (Sequence, np.ndarray)) or len(padding) != 2:
         raise ValueError(f"padding={padding!r} must describe the 2 spatial dims of an NHWC "
                          "input, e.g. 'SAME', 1 or ((1, 1), (1, 1)).")
-    return tuple((int(lo), int(hi)) for lo, hi in pads)
+    return tuple(as_pair(f"padding[{i}]", p, positive=False) for i, p in enumerate(padding))
 
 
 def output_hw(in_hw: Sequence[int], kernel_hw: Sequence[int], strides: Sequence[int],
@@ -98,19 +129,32 @@ def output_hw(in_hw: Sequence[int], kernel_hw: Sequence[int], strides: Sequence[
                  for n, k, s, (lo, hi) in zip(in_hw, kernel_hw, strides, pads))
 
 
+def checked_output_hw(in_hw: Sequence[int], window_hw: Sequence[int], strides: Sequence[int],
+                      pads: Sequence[tuple[int, int]], what: str = "kernel") -> tuple[int, int]:
+    """:func:`output_hw`, or a ValueError when the ``what`` (kernel, window) does not fit the
+    padded input, i.e. the output would be empty."""
+    out_hw = output_hw(in_hw, window_hw, strides, pads)
+    if min(out_hw) < 1:
+        raise ValueError(f"{what} {tuple(window_hw)} with padding {tuple(pads)} does not fit the "
+                         f"map {tuple(in_hw)} (output {out_hw}); use a smaller {what} or more "
+                         "padding, e.g. padding='SAME'.")
+    return out_hw
+
+
 def winograd_applies(kernel_shape: Sequence[int], strides: Sequence[int]) -> bool:
     """Whether the ``"winograd"`` lowering can compute this convolution (3x3, stride 1)."""
     return tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
 
 
 def resolve_lowering(lowering: str, x_shape: Sequence[int], kernel_shape: Sequence[int],
-                     strides: Sequence[int] = (1, 1), padding: Padding = "SAME") -> str:
+                     strides: Sequence[int] = (1, 1), padding: Padding = "SAME", *,
+                     dtype: Any = jnp.float32) -> str:
     """The concrete lowering (``"xla"``, ``"im2col"`` or ``"winograd"``) a call will use.
 
     ``"auto"`` first defers to the ``TR_JAX_CONV_LOWERING`` environment variable (whose
     ``winograd`` leaves layers it cannot compute to the automatic choice), then picks by
-    backend (``jax.default_backend()``) and output map size as described in the module
-    docstring.
+    backend (``jax.default_backend()``), output map size and ``dtype`` (the input's; only
+    :data:`WINOGRAD_AUTO_DTYPES` get ``"winograd"``) as described in the module docstring.
     """
     _check_lowering(lowering, "lowering")
     if lowering == "auto":
@@ -126,12 +170,13 @@ def resolve_lowering(lowering: str, x_shape: Sequence[int], kernel_shape: Sequen
     ho, wo = output_hw(x_shape[1:3], kernel_shape[:2], strides, pads)
     if ho * wo <= IM2COL_MAX_AREA:
         return "im2col"
-    if ho * wo <= WINOGRAD_MAX_AREA and winograd_applies(kernel_shape, strides):
+    if (ho * wo <= WINOGRAD_MAX_AREA and winograd_applies(kernel_shape, strides)
+            and jnp.dtype(dtype) in WINOGRAD_AUTO_DTYPES):
         return "winograd"
     return "xla"
 
 
-def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
+def im2col_conv(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1),
                 padding: Padding = "SAME") -> jax.Array:
     """Convolution as patches + one matrix product.
 
@@ -145,12 +190,9 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1)
       (B, H', W', Cout), equal to ``lax.conv_general_dilated`` up to summation order.
     """
     kh, kw, cin, cout = kernel.shape
-    sh, sw = strides
+    sh, sw = strides = as_pair("strides", strides)
     pads = explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
-    ho, wo = output_hw(x.shape[1:3], (kh, kw), strides, pads)
-    if ho < 1 or wo < 1:
-        raise ValueError(f"kernel {(kh, kw)} with padding {pads} does not fit input map "
-                         f"{x.shape[1:3]}.")
+    ho, wo = checked_output_hw(x.shape[1:3], (kh, kw), strides, pads)
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
     b = x.shape[0]
     windows = [lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
@@ -162,28 +204,33 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1)
                            (((3,), (0,)), ((), ())))
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
+def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1),
            padding: Padding = "SAME", *, lowering: Lowering = "auto") -> jax.Array:
     """NHWC / HWIO convolution through the chosen lowering (see the module docstring).
 
     Args:
       x: (B, H, W, Cin).
       kernel: (kh, kw, Cin, Cout).
-      strides: (sh, sw).
+      strides: (sh, sw) or one int for both.
       padding: ``"SAME"``, ``"VALID"``, an int, or explicit pairs.
       lowering: ``"auto"``, ``"xla"``, ``"im2col"`` or ``"winograd"`` (3x3 stride 1 only).
 
     Returns:
       (B, H', W', Cout).
+
+    Raises:
+      ValueError: on mismatched shapes, malformed strides or padding, or a kernel that does
+        not fit the padded input (an empty output), whichever the lowering.
     """
     if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
         raise ValueError(f"conv2d expects x (B, H, W, Cin) and kernel (kh, kw, Cin, Cout) with "
                          f"matching Cin; got x {x.shape} and kernel {kernel.shape}.")
-    strides = tuple(int(s) for s in strides)
-    chosen = resolve_lowering(lowering, x.shape, kernel.shape, strides, padding)
-    if chosen == "im2col":
-        return im2col_conv(x, kernel, strides, padding)
+    strides = as_pair("strides", strides)
     pads = explicit_padding(padding, x.shape[1:3], kernel.shape[:2], strides)
+    checked_output_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
+    chosen = resolve_lowering(lowering, x.shape, kernel.shape, strides, pads, dtype=x.dtype)
+    if chosen == "im2col":
+        return im2col_conv(x, kernel, strides, pads)
     if chosen == "winograd":
         if not winograd_applies(kernel.shape, strides):
             raise ValueError(f"lowering='winograd' computes 3x3 stride-1 convolutions; got "
@@ -198,8 +245,8 @@ class Conv(nn.Module):
 
     Attributes:
       features: output channels Cout.
-      kernel_size: (kh, kw).
-      strides: (sh, sw).
+      kernel_size: (kh, kw) or one int for both.
+      strides: (sh, sw) or one int for both.
       padding: ``"SAME"``, ``"VALID"``, an int or explicit ((lo, hi), (lo, hi)).
       use_bias: adds a (Cout,) bias.
       dtype: computation dtype (None: from inputs and params).
@@ -211,8 +258,8 @@ class Conv(nn.Module):
     """
 
     features: int
-    kernel_size: Sequence[int] = (3, 3)
-    strides: Sequence[int] = (1, 1)
+    kernel_size: int | Sequence[int] = (3, 3)
+    strides: int | Sequence[int] = (1, 1)
     padding: Padding = "SAME"
     use_bias: bool = True
     dtype: Any = None
@@ -224,8 +271,9 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (B, H, W, Cin) -> (B, H', W', Cout)."""
-        kernel = self.param("kernel", self.kernel_init,
-                            (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+        kh, kw = as_pair("kernel_size", self.kernel_size)
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features),
+                            self.param_dtype)
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)

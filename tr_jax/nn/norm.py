@@ -63,7 +63,7 @@ def normalize(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array | 
     b = -mean.astype(compute_dtype) * a
     if bias is not None:
         b = b + bias
-    args = [a for a in (x, scale, bias) if a is not None]
+    args = [arg for arg in (x, scale, bias) if arg is not None]
     out_dtype = nn.dtypes.canonicalize_dtype(*args, dtype=dtype)
     return jnp.asarray(x * a + b, out_dtype)
 

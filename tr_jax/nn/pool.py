@@ -14,6 +14,11 @@ maximum and the gradient of each output goes to the first maximum of its window 
 order, as ``flax.linen.max_pool``'s does.
 Every op of the rule is elementwise, a reshape or a slice, so XLA fuses it into loops and its
 transpose into pads, reshapes and adds, on every backend. NaNs propagate like ``max``.
+
+Padded positions never win a window that holds a finite value. Windows whose values are all
+``-inf`` or that hold a NaN get flax's value, but their gradient may go to another element
+than flax's: all ``-inf``, to a padded row (dropped, as flax) or to a real ``-inf`` next to
+left padding (flax drops it); NaN, to the window's last NaN.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tr_jax.nn.conv import Padding, explicit_padding, output_hw
+from tr_jax.nn.conv import Padding, as_pair, checked_output_hw, explicit_padding
 
 
 def _phase_split(a: jax.Array, axis: int, stride: int, pad_lo: int, rows: int,
@@ -100,16 +105,17 @@ def _max_pool_jvp(window, strides, pads, out_hw, primals, tangents):
     return x, t
 
 
-def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
-             padding: Padding = "VALID") -> jax.Array:
+def max_pool(x: jax.Array, window_shape: int | Sequence[int],
+             strides: int | Sequence[int] | None = None, padding: Padding = "VALID") -> jax.Array:
     """2-D max pooling of an NHWC array; drop-in for ``flax.linen.max_pool``.
 
     Args:
       x: (B, H, W, C), floating point.
-      window_shape: (kh, kw).
-      strides: (sh, sw); None means (1, 1), as in flax.
+      window_shape: (kh, kw) or one int for both.
+      strides: (sh, sw) or one int for both; None means (1, 1), as in flax.
       padding: ``"VALID"``, ``"SAME"``, an int or explicit ((lo, hi), (lo, hi)); padded
-        positions never win.
+        positions never win a window that holds a finite value (all ``-inf`` and NaN
+        windows: see the module docstring).
 
     Returns:
       (B, H', W', C).
@@ -118,11 +124,8 @@ def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] |
         raise ValueError(f"max_pool expects x of shape (B, H, W, C); got {x.shape}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"max_pool expects a floating-point x; got dtype {x.dtype}.")
-    window = tuple(int(k) for k in window_shape)
-    strides = (1, 1) if strides is None else tuple(int(s) for s in strides)
+    window = as_pair("window_shape", window_shape)
+    strides = (1, 1) if strides is None else as_pair("strides", strides)
     pads = explicit_padding(padding, x.shape[1:3], window, strides)
-    out_hw = output_hw(x.shape[1:3], window, strides, pads)
-    if min(out_hw) < 1:
-        raise ValueError(f"window {window} with padding {pads} does not fit the map "
-                         f"{x.shape[1:3]}.")
+    out_hw = checked_output_hw(x.shape[1:3], window, strides, pads, what="window")
     return _max_pool(x, window, strides, pads, out_hw)

@@ -111,7 +111,8 @@ def winograd_conv(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
     Args:
       x: (B, H, W, Cin).
       kernel: (3, 3, Cin, Cout).
-      pads: explicit zero padding ((top, bottom), (left, right)).
+      pads: explicit zero padding ((top, bottom), (left, right)); the padded map must be at
+        least 3x3 (:func:`tr_jax.nn.conv.conv2d` checks that for every lowering).
 
     Returns:
       (B, H', W', Cout), H' = H + top + bottom - 2 (likewise W'), equal to
@@ -120,7 +121,4 @@ def winograd_conv(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
     if kernel.shape[:2] != (3, 3):
         raise ValueError(f"winograd_conv needs a 3x3 kernel; got {kernel.shape[:2]}.")
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    if x.shape[1] + sum(pads[0]) < 3 or x.shape[2] + sum(pads[1]) < 3:
-        raise ValueError(f"a 3x3 kernel with padding {pads} does not fit the map "
-                         f"{x.shape[1:3]}.")
     return _winograd_conv(x, kernel, pads)
