@@ -136,6 +136,29 @@ def test_bad_label_line_is_reported(tmp_path):
         cub.read_cub_annotations(tmp_path)
 
 
+def test_missing_certainties_file_means_the_official_certainties(tmp_path):
+    ref = write_cub_tree(tmp_path, skip=("attributes/certainties.txt",))
+    ann = cub.read_cub_annotations(tmp_path)
+    assert set(ref["certainty"].ravel()) == {0, 1, 2, 3, 4}
+    np.testing.assert_array_equal(ann.certainty, ref["certainty"])
+    assert ann.not_visible_certainty == 1
+
+
+def test_repeated_pair_keeps_its_last_line(tmp_path):
+    ref = write_cub_tree(tmp_path)
+    labels = tmp_path / "CUB_200_2011" / "attributes" / "image_attribute_labels.txt"
+    image, attribute = 4, 9
+    was = int(ref["present"][image - 1, attribute - 1])
+    # 39 more lines for one pair, every one different from the one before; the last: 4 (definitely)
+    repeats = [f"{image} {attribute} {(was + k) % 2} {1 + k % 4} 3.5" for k in range(1, 40)]
+    labels.write_text(labels.read_text() + "\n".join(repeats) + "\n")
+    present, certainty = ref["present"] & (ref["certainty"] > 0), ref["certainty"].copy()
+    present[image - 1, attribute - 1], certainty[image - 1, attribute - 1] = (was + 39) % 2, 4
+    ann = cub.read_cub_annotations(tmp_path)
+    np.testing.assert_array_equal(ann.present, present)
+    np.testing.assert_array_equal(ann.certainty, certainty)
+
+
 def test_unprepared_data_dir_error(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         cub.load_cub(str(tmp_path / "empty"))

@@ -6,11 +6,12 @@ Every tr_jax data source yields batches as dicts of numpy arrays:
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 Batch = Mapping[str, np.ndarray]
+TaskSpec = int | Sequence[str | int] | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,9 @@ class ArrayDataset:
         if batch_size < 1 or (drop_remainder and batch_size > n):
             raise ValueError(f"batch_size={batch_size} must be in [1, {n}] for "
                              f"{self.name}/{split} ({n} examples).")
+        if start < 0:
+            raise ValueError(f"start={start} must be >= 0: the index of the first batch to "
+                             "yield in the epoch.")
         order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle
                  else np.arange(n))
         for b in range(start, self.steps_per_epoch(split, batch_size, drop_remainder)):
@@ -84,19 +88,61 @@ class ArrayDataset:
             yield {k: v[idx] for k, v in arrays.items()}
 
 
-def task_subset(dataset: ArrayDataset, tasks) -> ArrayDataset:
-    """Keeps the tasks named (or indexed) in ``tasks``, in that order."""
+def resolve_tasks(task_names: Sequence[str], tasks: TaskSpec = None) -> tuple[int, ...]:
+    """Indices (into ``task_names``) of the chosen tasks, in the chosen order.
+
+    Args:
+      task_names: all task names of a dataset, in label-column order.
+      tasks: ``None`` for all tasks; an int ``N`` for the first ``N``; or a sequence of task
+        names and/or indices, kept in the given order.
+
+    Returns:
+      Tuple of distinct indices into ``task_names``.
+    """
+    total = len(task_names)
+    if tasks is None:
+        return tuple(range(total))
+    if isinstance(tasks, (int, np.integer)):
+        if not 1 <= tasks <= total:
+            raise ValueError(f"tasks={tasks} must be in [1, {total}] (first-N tasks).")
+        return tuple(range(int(tasks)))
+    if isinstance(tasks, str):
+        raise TypeError(f"tasks={tasks!r} must be a sequence of names, not one string: "
+                        f"write tasks=[{tasks!r}].")
     index = []
-    for t in tasks:
-        if isinstance(t, str):
-            if t not in dataset.task_names:
-                raise KeyError(f"unknown task {t!r}; {dataset.name} has {dataset.task_names}.")
-            index.append(dataset.task_names.index(t))
+    for task in tasks:
+        if isinstance(task, str):
+            if task not in task_names:
+                raise KeyError(f"unknown task {task!r}; known tasks: {tuple(task_names)}.")
+            index.append(task_names.index(task))
+        elif not 0 <= int(task) < total:
+            raise KeyError(f"task index {task} outside [0, {total}).")
         else:
-            if not 0 <= int(t) < dataset.num_tasks:
-                raise KeyError(f"task index {t} outside [0, {dataset.num_tasks}).")
-            index.append(int(t))
+            index.append(int(task))
+    if not index or len(set(index)) != len(index):
+        raise ValueError(f"tasks={tuple(tasks)!r} must be non-empty and without repeats.")
+    return tuple(index)
+
+
+def _subset_groups(groups: tuple[tuple[int, ...], ...] | None,
+                   index: Sequence[int]) -> tuple[tuple[int, ...], ...] | None:
+    """``groups`` renumbered to the kept columns ``index``: each group keeps its kept tasks
+    (sorted new ids) and a group with none left is dropped."""
+    if groups is None:
+        return None
+    new_id = {old: new for new, old in enumerate(index)}
+    kept = (tuple(sorted(new_id[t] for t in g if t in new_id)) for g in groups)
+    return tuple(g for g in kept if g)
+
+
+def task_subset(dataset: ArrayDataset, tasks: TaskSpec) -> ArrayDataset:
+    """Keeps the chosen tasks, in the chosen order (``tasks`` as in :func:`resolve_tasks`).
+
+    Planted ``groups`` follow the columns: each group keeps its chosen tasks under their new
+    ids, and groups with no chosen task are dropped.
+    """
+    index = resolve_tasks(dataset.task_names, tasks)
     splits = {s: {k: (v[:, index] if k in ("labels", "label_mask") else v)
                   for k, v in arrays.items()} for s, arrays in dataset.splits.items()}
     return dataclasses.replace(dataset, task_names=tuple(dataset.task_names[i] for i in index),
-                               splits=splits, groups=None)
+                               splits=splits, groups=_subset_groups(dataset.groups, index))

@@ -33,6 +33,8 @@ NUM_CLASSES = 200
 SUBSET_SIZES: tuple[int, ...] = (20, 40, 100, 312)  # the TR paper's task counts on CUB
 SPLITS: Mapping[str, str] = {"train": "train", "test": "test"}
 NOT_VISIBLE = "not visible"  # certainty name in attributes/certainties.txt
+# attributes/certainties.txt of the official release, ids 1..4; used when the file is absent
+CERTAINTY_NAMES = (NOT_VISIBLE, "guessing", "probably", "definitely")
 # role -> path under CUB_200_2011/ (attribute names are looked up separately, see below)
 REQUIRED_FILES: Mapping[str, str] = {
     "images": "images.txt",
@@ -50,7 +52,7 @@ manual directory, so that it holds:
   CUB_200_2011/train_test_split.txt
   CUB_200_2011/image_class_labels.txt
   CUB_200_2011/attributes/image_attribute_labels.txt
-  CUB_200_2011/attributes/certainties.txt      (optional; 1 = "not visible" if absent)
+  CUB_200_2011/attributes/certainties.txt      (optional; the official 1-4 if absent)
   CUB_200_2011/images/<class>/<image>.jpg
   attributes.txt  (next to CUB_200_2011/ as in the tarball, or CUB_200_2011/attributes.txt,
                    or CUB_200_2011/attributes/attributes.txt)
@@ -156,12 +158,20 @@ def _named_ids(path: pathlib.Path) -> list[str]:
     return [" ".join(r[1:]) for r in rows]
 
 
+def _last_occurrences(keys: np.ndarray) -> np.ndarray:
+    """Indices of the last occurrence of each distinct value of ``keys`` (N,), ascending by
+    value; fancy assignment with repeated indices leaves unspecified which one wins."""
+    _, first_from_end = np.unique(keys[::-1], return_index=True)
+    return len(keys) - 1 - first_from_end
+
+
 def read_cub_annotations(manual_dir: str | pathlib.Path) -> CubAnnotations:
     """Parses the CUB-200-2011 annotation files (pure Python, no TensorFlow).
 
     ``image_attribute_labels.txt`` lines are ``<image_id> <attribute_id> <is_present>
     <certainty_id> <time>``; a few lines of the official file carry extra fields, so only the
-    first four fields are read. A repeated (image, attribute) pair keeps its last line.
+    first four fields are read. A repeated (image, attribute) pair keeps its last line. Without
+    ``certainties.txt`` the official certainties (:data:`CERTAINTY_NAMES`) apply.
 
     Args:
       manual_dir: see :func:`locate_cub`.
@@ -176,7 +186,8 @@ def read_cub_annotations(manual_dir: str | pathlib.Path) -> CubAnnotations:
     if len(names) != NUM_ATTRIBUTES:
         raise ValueError(f"{files['attribute_names']}: {len(names)} attributes, CUB-200-2011 "
                          f"has {NUM_ATTRIBUTES}.")
-    certainties = _named_ids(files["certainties"]) if "certainties" in files else [NOT_VISIBLE]
+    certainties = (_named_ids(files["certainties"]) if "certainties" in files
+                   else list(CERTAINTY_NAMES))
     if NOT_VISIBLE not in certainties:
         raise ValueError(f"{files['certainties']}: no {NOT_VISIBLE!r} certainty in {certainties}.")
     classes = _id_column(files["classes"], image_ids) - 1
@@ -194,6 +205,8 @@ def read_cub_annotations(manual_dir: str | pathlib.Path) -> CubAnnotations:
                          f"attribute, is_present or certainty id (first: line ~{line}: "
                          f"{labels[line - 1].tolist()}).")
     rows = np.array([row_of[int(i)] for i in image], np.int64)
+    last = _last_occurrences(rows * NUM_ATTRIBUTES + attribute - 1)
+    rows, attribute, present, certainty = (a[last] for a in (rows, attribute, present, certainty))
     present_table = np.zeros((len(image_ids), NUM_ATTRIBUTES), bool)
     certainty_table = np.zeros((len(image_ids), NUM_ATTRIBUTES), np.uint8)
     present_table[rows, attribute - 1] = present.astype(bool)

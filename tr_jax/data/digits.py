@@ -2,7 +2,7 @@
 
 1797 real images (no download). Tasks are attributes derived from the digit label: ten
 one-vs-rest tasks plus eight properties of the digit, 18 tasks in all. The train/test split is
-fixed (stratified, 75/25, ``random_state=0``).
+deterministic (stratified by digit, ``random_state=0``; 75/25 by default).
 """
 from __future__ import annotations
 
@@ -27,9 +27,13 @@ ATTRIBUTES: dict[str, tuple[int, ...]] = {
 def load_digits(test_fraction: float = 0.25) -> ArrayDataset:
     """The digits attribute tasks.
 
+    Args:
+      test_fraction: fraction of the 1797 images in the "test" split, in (0, 1).
+
     Returns:
-      ArrayDataset with splits "train" (1347) and "test" (450): "image" float32 (N, 8, 8, 1)
-      in [0, 1], "labels" int32 (N, 18), "label_mask" all True, and "digit" int32 (N,).
+      ArrayDataset with splits "train" and "test" (1347 and 450 images at the default 0.25):
+      "image" float32 (N, 8, 8, 1) in [0, 1], "labels" int32 (N, 18), "label_mask" all True,
+      and "digit" int32 (N,).
     """
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split

@@ -20,18 +20,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-TaskSpec = int | Sequence[str | int] | None
+from tr_jax.data.base import TaskSpec, resolve_tasks  # noqa: F401 (public here too)
+
 # example (dict of tf.Tensor) -> (labels (T_all,) bool or int, label_mask (T_all,) bool)
 LabelFn = Callable[[Mapping[str, Any]], tuple[Any, Any]]
 
 
 @functools.cache
-def tensorflow():
-    """Imports TensorFlow once, hiding accelerators from it (JAX owns them)."""
+def tensorflow() -> types.ModuleType:
+    """Imports TensorFlow once, hiding accelerators from it (JAX owns them); returns ``tf``."""
     import tensorflow as tf
 
     try:
@@ -39,42 +41,6 @@ def tensorflow():
     except RuntimeError:  # TF already initialized its devices elsewhere; leave them be
         pass
     return tf
-
-
-def resolve_tasks(task_names: Sequence[str], tasks: TaskSpec = None) -> tuple[int, ...]:
-    """Indices (into ``task_names``) of the chosen tasks, in the chosen order.
-
-    Args:
-      task_names: all task names of a dataset, in label-column order.
-      tasks: ``None`` for all tasks; an int ``N`` for the first ``N``; or a sequence of task
-        names and/or indices, kept in the given order.
-
-    Returns:
-      Tuple of distinct indices into ``task_names``.
-    """
-    total = len(task_names)
-    if tasks is None:
-        return tuple(range(total))
-    if isinstance(tasks, (int, np.integer)):
-        if not 1 <= tasks <= total:
-            raise ValueError(f"tasks={tasks} must be in [1, {total}] (first-N tasks).")
-        return tuple(range(int(tasks)))
-    if isinstance(tasks, str):
-        raise TypeError(f"tasks={tasks!r} must be a sequence of names, not one string: "
-                        f"write tasks=[{tasks!r}].")
-    index = []
-    for task in tasks:
-        if isinstance(task, str):
-            if task not in task_names:
-                raise KeyError(f"unknown task {task!r}; known tasks: {tuple(task_names)}.")
-            index.append(task_names.index(task))
-        elif not 0 <= int(task) < total:
-            raise KeyError(f"task index {task} outside [0, {total}).")
-        else:
-            index.append(int(task))
-    if not index or len(set(index)) != len(index):
-        raise ValueError(f"tasks={tuple(tasks)!r} must be non-empty and without repeats.")
-    return tuple(index)
 
 
 def process_shard(process_index: int | None, process_count: int | None) -> tuple[int, int]:
