@@ -70,6 +70,27 @@ def test_prefer_eigen_convolutions_does_nothing_once_the_backend_runs():
     assert _run(code, env={"XLA_FLAGS": ""}) == ["False"]
 
 
+# prefer_eigen_convolutions() after JAX's private xla_bridge moved (argv[1] == "module") or
+# lost backends_are_initialized ("function"): prints what it returned and XLA_FLAGS.
+MOVED_BRIDGE_PROBE = """
+import os, sys
+import jax._src
+from tr_jax import cpu_runtime
+if sys.argv[1] == "module":
+    del jax._src.xla_bridge
+    sys.modules["jax._src.xla_bridge"] = None   # the import now raises ImportError
+else:
+    del jax._src.xla_bridge.backends_are_initialized
+print(cpu_runtime.prefer_eigen_convolutions(), repr(os.environ["XLA_FLAGS"]))
+"""
+
+
+@pytest.mark.parametrize("moved", ["module", "function"])
+def test_prefer_eigen_convolutions_leaves_the_flags_when_jax_moves_its_bridge(moved):
+    """Without JAX's answer, it acts as if the backends had started: no flag, no error."""
+    assert _run(MOVED_BRIDGE_PROBE, moved, env={"XLA_FLAGS": ""}) == ["False ''"]
+
+
 @pytest.mark.parametrize("flags, isa", [("fpu sse2 avx avx2 avx512f avx512bw", "avx512"),
                                         ("fpu sse2 avx avx2 fma", "avx2"),
                                         ("fpu sse2 avx", "avx"), ("fpu sse2", "noavx")])

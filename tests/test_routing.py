@@ -101,3 +101,13 @@ def test_bad_task_ids_are_errors():
         layer.apply(v, x, jnp.array([0, 1]))
     with pytest.raises(TypeError, match="integers"):
         layer.apply(v, x, 1.0)
+
+
+def test_out_of_range_ids_under_jit_are_clamped_unchecked():
+    """As documented in check_task_ids: traced ids are not range-checked (the training loop
+    checks them on the host), and JAX's indexing clamps them."""
+    layer, v, x = _layer_and_vars()
+    routed = jax.jit(lambda task: layer.apply(v, x, task))
+    np.testing.assert_array_equal(routed(7), layer.apply(v, x, 3))
+    np.testing.assert_array_equal(routed(jnp.array([9, -9, 1])),
+                                  layer.apply(v, x, jnp.array([3, 0, 1])))

@@ -28,7 +28,6 @@ import platform
 import sys
 
 import jaxlib
-from jax._src import xla_bridge
 
 # mallopt parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
@@ -59,6 +58,20 @@ def keep_freed_buffers() -> bool:
     return all(mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS)
 
 
+def _backends_initialized() -> bool:
+    """Whether JAX has created its backends (and so XLA has read ``XLA_FLAGS``).
+
+    Asks JAX's private ``xla_bridge``; where a JAX release moved it, answers True, so that
+    :func:`prefer_eigen_convolutions` leaves the flags alone instead of failing.
+    """
+    try:
+        from jax._src import xla_bridge
+
+        return xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):
+        return True
+
+
 def prefer_eigen_convolutions() -> bool:
     """Adds ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` to XLA_FLAGS.
 
@@ -73,7 +86,7 @@ def prefer_eigen_convolutions() -> bool:
     if YNN_FLAG in flags:
         return EIGEN_CONV_FLAG in flags.split()
     version = tuple(int(p) for p in jaxlib.__version__.split(".")[:2])
-    if version not in EIGEN_CONV_JAXLIB or xla_bridge.backends_are_initialized():
+    if version not in EIGEN_CONV_JAXLIB or _backends_initialized():
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONV_FLAG}".strip()
     return True

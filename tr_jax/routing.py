@@ -31,6 +31,8 @@ import numpy as np
 Scheme = Literal["random", "partition"]
 SCHEMES = ("random", "partition")
 ROUTING = "routing"  # name of the non-trainable variable collection holding the masks
+# Task ids: an int scalar (one task for the whole batch) or an int array (B,) (one per example).
+TaskIds = int | jax.Array
 
 # Guards int(C * (1 - σ)) against float error, e.g. (1 - 0.9) * 10 = 0.99999... -> 1, not 0.
 _EPS = 1e-9
@@ -105,10 +107,14 @@ def _partition_masks(key, num_tasks, num_units, sharing):
     return masks
 
 
-def check_task_ids(task, num_tasks: int, batch_size: int | None = None) -> None:
+def check_task_ids(task: TaskIds, num_tasks: int, batch_size: int | None = None) -> None:
     """Validates task ids: a scalar or a (B,) integer array in [0, num_tasks).
 
-    Shape and dtype are always checked; values only when they are concrete (not traced).
+    Shape and dtype are always checked; values only when they are concrete, i.e. outside
+    ``jit`` (the training loop checks every batch's ids on the host, ``train.check_batch``).
+    Under ``jit`` the ids are traced and go unchecked: JAX's indexing (the routing masks'
+    rows, the heads' columns) then silently maps an out-of-range id into range, negative ids
+    counting from the end as in NumPy and the rest clamped to [0, num_tasks - 1].
     """
     shape = np.shape(task)
     if len(shape) > 1 or (len(shape) == 1 and batch_size is not None and shape[0] != batch_size):
@@ -134,6 +140,9 @@ class TaskRouting(nn.Module):
     path, so layers are independent). If no ``"routing"`` stream is given at init, the
     ``"params"`` stream is used instead.
 
+    Task ids are range-checked only outside ``jit`` (see :func:`check_task_ids`); under
+    ``jit`` JAX's indexing clamps an out-of-range id into range without an error.
+
     Attributes:
       num_tasks: T.
       sharing: σ in [0, 1].
@@ -145,7 +154,7 @@ class TaskRouting(nn.Module):
     scheme: Scheme = "random"
 
     @nn.compact
-    def __call__(self, x: jax.Array, task) -> jax.Array:
+    def __call__(self, x: jax.Array, task: TaskIds) -> jax.Array:
         """Routes ``x``.
 
         Args:

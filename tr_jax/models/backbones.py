@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from tr_jax.models.base import MultiTaskModel
 from tr_jax.models.layers import ConvNormRoute, RoutingSpec, maybe_route
 from tr_jax.nn import max_pool
+from tr_jax.routing import TaskIds
 
 VGG_CFGS = {  # numbers are conv widths, "M" a 2x2 max-pool
     "A": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -31,7 +32,7 @@ class VGGEncoder(nn.Module):
     dtype: jnp.dtype | None = None
 
     @nn.compact
-    def __call__(self, x, task, train):
+    def __call__(self, x: jax.Array, task: TaskIds, train: bool) -> jax.Array:
         for v in self.cfg:
             if v == "M":
                 # Small inputs (8x8, 32x32) run out of resolution before the 5th pool:
@@ -76,7 +77,7 @@ class _ResidualBlock(nn.Module):
     dtype: jnp.dtype | None = None
 
     @nn.compact
-    def __call__(self, x, task, train):
+    def __call__(self, x: jax.Array, task: TaskIds, train: bool) -> jax.Array:
         r = nn.relu(ConvNormRoute(self.features, self.routing, strides=(self.strides,) * 2,
                                   dtype=self.dtype)(x, task, train))
         r = ConvNormRoute(self.features, self.routing, dtype=self.dtype)(r, task, train)
@@ -87,15 +88,16 @@ class _ResidualBlock(nn.Module):
 
 
 class TagResNetEncoder(nn.Module):
-    """The TAG CelebA encoder: conv3x3-64, BN, ReLU, maxpool 3/2, one residual block 64,
-    avgpool 2, flatten -> (B, (H/4) * (W/4) * 64)."""
+    """The TAG CelebA encoder: conv3x3-``width``, BN, ReLU, maxpool 3/2 ("SAME"), one residual
+    block ``width``, avgpool 2, flatten -> (B, h * w * width) with h = floor(ceil(H / 2) / 2),
+    w likewise."""
 
     routing: RoutingSpec | None
     width: int = 64
     dtype: jnp.dtype | None = None
 
     @nn.compact
-    def __call__(self, x, task, train):
+    def __call__(self, x: jax.Array, task: TaskIds, train: bool) -> jax.Array:
         x = nn.relu(ConvNormRoute(self.width, self.routing, dtype=self.dtype)(x, task, train))
         x = max_pool(x, (3, 3), (2, 2), padding="SAME")
         x = _ResidualBlock(self.width, self.routing, dtype=self.dtype)(x, task, train)
@@ -121,7 +123,7 @@ class ResNet18Encoder(nn.Module):
     dtype: jnp.dtype | None = None
 
     @nn.compact
-    def __call__(self, x, task, train):
+    def __call__(self, x: jax.Array, task: TaskIds, train: bool) -> jax.Array:
         if self.imagenet_stem:
             x = nn.relu(ConvNormRoute(64, self.routing, (7, 7), (2, 2), dtype=self.dtype)(
                 x, task, train))
@@ -152,7 +154,7 @@ class SmallCNNEncoder(nn.Module):
     dtype: jnp.dtype | None = None
 
     @nn.compact
-    def __call__(self, x, task, train):
+    def __call__(self, x: jax.Array, task: TaskIds, train: bool) -> jax.Array:
         for w in self.widths:
             x = nn.relu(ConvNormRoute(w, self.routing, dtype=self.dtype)(x, task, train))
             if min(x.shape[1:3]) >= 2:
@@ -177,7 +179,7 @@ class MLPEncoder(nn.Module):
     dtype: jnp.dtype | None = None
 
     @nn.compact
-    def __call__(self, x, task, train):
+    def __call__(self, x: jax.Array, task: TaskIds, train: bool) -> jax.Array:
         del train
         x = x.reshape(x.shape[0], -1)
         for h in self.hidden:

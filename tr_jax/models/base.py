@@ -55,7 +55,8 @@ class MultiTaskModel(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must define make_encoder().")
 
     @nn.compact
-    def __call__(self, x: jax.Array, task=None, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, task: routing.TaskIds | None = None,
+                 train: bool = False) -> jax.Array:
         """Forward pass.
 
         Args:

@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tr_jax.routing import TaskIds
+
 
 class MultiTaskHead(nn.Module):
     """T linear heads stored as one kernel (D, T, K) and bias (T, K).
@@ -24,7 +26,7 @@ class MultiTaskHead(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, features: jax.Array, task=None) -> jax.Array:
+    def __call__(self, features: jax.Array, task: TaskIds | None = None) -> jax.Array:
         """Applies the heads.
 
         Args:

@@ -23,8 +23,10 @@ class RoutingSpec:
         return routing.TaskRouting(self.num_tasks, self.sharing, self.scheme, name=name)
 
 
-def maybe_route(spec: RoutingSpec | None, x: jax.Array, task, name: str | None = None):
-    """Applies a Task Routing Layer when ``spec`` is set; identity for unrouted networks."""
+def maybe_route(spec: RoutingSpec | None, x: jax.Array, task: routing.TaskIds,
+                name: str | None = None) -> jax.Array:
+    """Applies a Task Routing Layer to ``x`` (B, ..., C) when ``spec`` is set; identity for
+    unrouted networks."""
     return x if spec is None else spec.layer(name)(x, task)
 
 
@@ -42,11 +44,11 @@ class ConvNormRoute(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, task, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, task: routing.TaskIds, train: bool) -> jax.Array:
         """x (B, H, W, Cin) -> routed pre-activation (B, H', W', features)."""
         x = Conv(self.features, self.kernel_size, self.strides, use_bias=not self.batch_norm,
                  dtype=self.dtype, kernel_init=nn.initializers.he_normal())(x)
         if self.batch_norm:
             x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype)(x)
+                          dtype=self.dtype)(x)
         return maybe_route(self.routing, x, task)
