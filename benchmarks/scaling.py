@@ -61,12 +61,6 @@ def batch_size_for(num_tasks: int, multiple: int = 8) -> int:
     return multiple * math.ceil(max(num_tasks, 64) / multiple)
 
 
-def balanced_tasks(batch_size: int, num_tasks: int, rng) -> "np.ndarray":
-    """Per-example task ids dealt round-robin then shuffled: with B >= T every task appears."""
-    import numpy as np
-    return rng.permutation(np.arange(batch_size) % num_tasks).astype(np.int32)
-
-
 def digit_subset_tasks(num_tasks: int, seed: int = 0):
     """The offline 8x8 digits with ``num_tasks`` fabricated binary tasks.
 
@@ -97,6 +91,8 @@ def digit_subset_tasks(num_tasks: int, seed: int = 0):
 def random_batches(num_tasks: int, batch_size: int, count: int, seed: int = 0) -> list[dict]:
     """Random 8x8x1 images and labels with balanced per-example task ids."""
     import numpy as np
+
+    from tr_jax.experiment import balanced_tasks
     rng = np.random.default_rng(seed)
     return [{"image": rng.normal(size=(batch_size, 8, 8, 1)).astype(np.float32),
              "labels": rng.integers(0, 2, (batch_size, num_tasks)).astype(np.int32),
@@ -293,7 +289,6 @@ def run_scale(config, workdir: str) -> dict:
     the compiled per-device memory of both steps and the process's peak RSS.
     """
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from tr_jax import experiment, sharding, train
@@ -309,15 +304,15 @@ def run_scale(config, workdir: str) -> dict:
         raise ValueError(f"batch_size={config.batch_size} < {t} tasks: a balanced batch cannot "
                          "hold every task; raise config.batch_size.")
     steps_per_epoch = dataset.steps_per_epoch("train", config.batch_size)
-    model = experiment.build_model(config, t).clone(dtype=jnp.dtype(config.dtype))
+    model = experiment.build_model(config, t)
     optimizer = experiment.build_optimizer(config, steps_per_epoch)
     mesh = sharding.mesh_from_config(config)
     sample = next(dataset.batches("train", config.batch_size))
     state = sharding.create_sharded_train_state(model, optimizer, jax.random.key(config.seed),
                                                 sample, mesh)
     step = sharding.shard_train_step(model, optimizer, mesh, state, mode=config.mode,
-                                     max_traces=1, **experiment.affinity_options(config),
-                                     affinity_mode=config.affinity_mode)
+                                     max_traces=1,
+                                     **experiment.affinity_options(config, steps_per_epoch))
     eval_step = sharding.shard_eval_step(model, mesh, state,
                                          chunk_size=config.get("chunk_size") or None)
     writer = MetricWriter(workdir)
@@ -325,7 +320,7 @@ def run_scale(config, workdir: str) -> dict:
     for epoch in range(config.num_epochs):
         rng = np.random.default_rng([config.seed, epoch, 2])
         for batch in dataset.batches("train", config.batch_size, epoch=epoch, seed=config.seed):
-            batch = {**batch, "task": balanced_tasks(len(batch["labels"]), t, rng)}
+            batch = {**batch, "task": experiment.balanced_tasks(len(batch["labels"]), t, rng)}
             batch = sharding.host_local_batch(batch, mesh)
             if compiled_memory is None:
                 t0 = time.perf_counter()
@@ -351,7 +346,7 @@ def run_scale(config, workdir: str) -> dict:
     plain = [tm for i, tm in enumerate(times) if i % config.affinity_every]
     out = {"num_tasks": t, "mesh": dict(mesh.shape), "devices": jax.device_count(),
            "processes": jax.process_count(), "batch_size": config.batch_size,
-           "steps": int(state.step), "affinity_steps": int(state.affinity_count),
+           "steps": int(state.step), "affinity_steps": int(np.max(state.affinity_count)),
            "dtype": config.dtype, "wall_s": round(time.perf_counter() - t_start, 1),
            "compile_s": round(compile_s, 1),
            "affinity_step_s": round(float(np.median(measured)), 3),

@@ -196,9 +196,9 @@ def tiny_digits_config(**changes):
 
 
 @functools.cache
-def digits_target():
+def digits_target(**changes):
     """(initial state, fingerprint) of the tiny digits run, as the loop builds them."""
-    config = tiny_digits_config()
+    config = tiny_digits_config(**changes)
     dataset = experiment.build_dataset(config)
     model = experiment.build_model(config, dataset.num_tasks)
     steps_per_epoch = dataset.steps_per_epoch("train", config.batch_size)
@@ -207,12 +207,13 @@ def digits_target():
                                      next(dataset.batches("train", config.batch_size)))
     return state, checkpoint.fingerprint(model, state, dataset.task_names, seed=config.seed,
                                          batch_size=config.batch_size,
-                                         steps_per_epoch=steps_per_epoch)
+                                         steps_per_epoch=steps_per_epoch,
+                                         **experiment.training_settings(config))
 
 
-def final_state(workdir):
-    """The newest checkpoint of a run in ``workdir``, restored."""
-    state, fp = digits_target()
+def final_state(workdir, **changes):
+    """The newest checkpoint of a run in ``workdir`` (config changes as given), restored."""
+    state, fp = digits_target(**changes)
     with checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints", fp,
                                  every_steps=1) as ckpt:
         return ckpt.restore(state)
@@ -247,7 +248,7 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(straight, tmp_path
     assert result == want_result and np.isfinite(result["affinity"]).all()
     got = final_state(tmp_path)
     assert got.step == want.step == EPOCHS * 10
-    assert int(got.state.affinity_count) == EPOCHS * 10 // 3
+    assert (got.state.affinity_count == EPOCHS * 10 // 3).all()
     assert got.position == checkpoint.Position(EPOCHS, 0)
     assert_bitwise_equal(got.state, want.state)
     kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
@@ -255,6 +256,11 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(straight, tmp_path
     # The saved data position means nothing with another batch size: refused by name.
     with pytest.raises(checkpoint.CheckpointMismatchError, match="run.batch_size"):
         experiment.train_and_evaluate(tiny_digits_config(batch_size=64), str(tmp_path),
+                                      resume=True)
+    # Nor does a run that would train or measure differently (here: another affinity).
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="run.affinity: checkpoint "
+                       "lookahead vs this run taylor"):
+        experiment.train_and_evaluate(tiny_digits_config(affinity="taylor"), str(tmp_path),
                                       resume=True)
 
 
@@ -281,7 +287,7 @@ def test_a_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch)
     monkeypatch.setattr(train, "make_train_step", non_finite_at_step_10)
     with pytest.raises(FloatingPointError, match="step 10"):
         experiment.train_and_evaluate(tiny_digits_config(affinity=None), str(tmp_path))
-    restored = final_state(tmp_path)
+    restored = final_state(tmp_path, affinity=None)
     assert restored.step == 8  # saved every 4 steps; nothing after the failure
 
 

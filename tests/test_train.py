@@ -73,6 +73,84 @@ def test_non_finite_loss_leaves_the_state_unchanged(digits):
     jax.tree.map(np.testing.assert_array_equal, state.params, before)
 
 
+def test_a_non_finite_step_leaves_the_affinity_sum_unchanged(digits):
+    model = models.MLP(num_tasks=18, hidden=(8,))
+    tx = optax.sgd(0.1)
+    batch = next(digits.batches("train", 16))
+    state = _state(model, tx, batch)
+    bad = {**batch, "image": np.full_like(batch["image"], np.nan)}
+    state, metrics = train.make_train_step(model, tx, affinity="lookahead", lr=0.1)(state, bad)
+    assert not bool(metrics["finite"]) and int(state.step) == 0
+    assert not state.affinity_count.any() and not state.affinity_sum.any()
+    # A finite loss whose lookahead overflows (lr = 1e38) is refused the same way.
+    state, metrics = train.make_train_step(model, tx, affinity="lookahead", lr=1e38)(state,
+                                                                                      batch)
+    assert np.isfinite(float(metrics["loss"])) and not bool(metrics["finite"])
+    assert int(state.step) == 0 and not state.affinity_count.any()
+
+
+def test_affinity_leaves_out_tasks_without_a_label_in_the_batch(digits):
+    # Task 2 unlabelled: its loss is 0, so Z's column 2 would be 0 / 0 and its row a step of
+    # size 0. Those entries are not measured; every other entry is what the fully labelled
+    # batch gives (source i's lookahead and target j's loss do not involve task 2).
+    model = models.MLP(num_tasks=18, hidden=(16,))
+    tx = optax.sgd(0.05)
+    batch = next(digits.batches("train", 32))
+    mask = np.ones_like(batch["labels"], bool)
+    mask[:, 2] = False
+    step = train.make_train_step(model, tx, affinity="lookahead", lr=0.05)
+    s_full, m_full = step(_state(model, tx, batch), {**batch, "label_mask": mask | True})
+    s_part, m_part = step(_state(model, tx, batch), {**batch, "label_mask": mask})
+    other = np.ones((18, 18), bool)
+    other[2, :] = other[:, 2] = False
+    assert bool(m_part["finite"])
+    assert np.isnan(m_part["affinity"])[~other].all()
+    np.testing.assert_allclose(m_part["affinity"][other], m_full["affinity"][other], rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_array_equal(s_part.affinity_count, other.astype(np.int32))
+    # A second step with task 2 labelled measures every entry: the mean is per entry.
+    s_part, m_two = step(s_part, {**batch, "label_mask": mask | True})
+    np.testing.assert_array_equal(s_part.affinity_count, 1 + other)
+    mean = np.asarray(train.mean_affinity(s_part))
+    np.testing.assert_allclose(mean[~other], m_two["affinity"][~other], rtol=1e-6)
+    np.testing.assert_allclose(mean[other], (m_part["affinity"] + m_two["affinity"])[other] / 2,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_affinity_normalizes_by_the_learning_rate_of_its_step(digits):
+    # Under a schedule, step 1 runs at half the rate: Z is normalized by that rate, as a step
+    # built with the constant rate 0.025 normalizes it.
+    model = models.MLP(num_tasks=18, hidden=(16,))
+    schedule = optax.exponential_decay(0.05, 1, 0.5, staircase=True)
+    tx = optax.sgd(schedule, momentum=0.9)
+    batch = next(digits.batches("train", 32))
+    kwargs = {"affinity": "lookahead", "lookahead": "optimizer"}
+    scheduled = train.make_train_step(model, tx, lr=schedule, **kwargs)
+    state, _ = scheduled(_state(model, tx, batch), batch)
+    _, got = scheduled(jax.tree.map(jnp.copy, state), batch)  # the step donates its state
+    _, want = train.make_train_step(model, tx, lr=0.025, **kwargs)(state, batch)
+    np.testing.assert_allclose(got["affinity"], want["affinity"], rtol=1e-6)
+    assert np.abs(want["affinity"]).max() > 0
+
+
+def test_per_example_affinity_needs_a_task_per_example(digits):
+    model = models.MLP(num_tasks=18, hidden=(8,))
+    batch = next(digits.batches("train", 16))
+    with pytest.raises(KeyError, match="affinity_mode='per_example' needs batch\\['task'\\]"):
+        train.check_batch(batch, 18, "all_tasks", "per_example")
+    with pytest.raises(ValueError, match="use affinity_mode='all_tasks'"):
+        train.make_train_step(model, optax.sgd(0.1), mode="task_per_batch",
+                              affinity="lookahead", lr=0.1, affinity_mode="per_example")
+    routed = experiment.route_batch(batch, "per_example", 18, np.random.default_rng(0), None,
+                                    0, balanced=True)
+    assert np.bincount(routed["task"], minlength=18).min() == 0  # 16 examples < 18 tasks
+    batch = next(digits.batches("train", 36))
+    routed = experiment.route_batch(batch, "per_example", 18, np.random.default_rng(0), None,
+                                    0, balanced=True)
+    np.testing.assert_array_equal(np.bincount(routed["task"], minlength=18), 2)
+    train.check_batch(routed, 18, "all_tasks", "per_example")
+
+
 def test_eval_counts_match_a_numpy_reference(digits):
     model = models.MLP(num_tasks=18, sharing=0.5, hidden=(16,))
     batch = next(digits.batches("test", 100, shuffle=False))
@@ -87,6 +165,16 @@ def test_eval_counts_match_a_numpy_reference(digits):
     np.testing.assert_allclose(r["balanced_accuracy"], (np.array(tpr) + np.array(tnr)) / 2)
 
 
+def test_summary_leaves_out_tasks_without_a_labelled_example():
+    counts = {"correct": np.array([3.0, 0.0]), "count": np.array([4.0, 0.0]),
+              "tp": np.array([1.0, 0.0]), "fn": np.array([1.0, 0.0]),
+              "tn": np.array([2.0, 0.0]), "fp": np.array([0.0, 0.0])}
+    r = train.summarize_counts(counts)
+    np.testing.assert_array_equal(r["accuracy"], [0.75, np.nan])
+    np.testing.assert_array_equal(r["balanced_accuracy"], [0.75, np.nan])
+    assert r["mean_accuracy"] == 0.75 and r["mean_balanced_accuracy"] == 0.75
+
+
 def test_affinity_step_makes_the_same_update_as_the_plain_step(digits):
     model = models.MLP(num_tasks=18, hidden=(16,))
     tx = optax.sgd(0.05, momentum=0.9)
@@ -99,7 +187,7 @@ def test_affinity_step_makes_the_same_update_as_the_plain_step(digits):
         s_tag, metrics = tag(s_tag, batch)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                  s_plain.params, s_tag.params)
-    assert int(s_tag.affinity_count) == 2 and metrics["affinity"].shape == (18, 18)
+    assert (s_tag.affinity_count == 2).all() and metrics["affinity"].shape == (18, 18)
     np.testing.assert_allclose(train.mean_affinity(s_tag), s_tag.affinity_sum / 2)
 
 
@@ -149,7 +237,7 @@ def test_periodic_affinity_on_the_host_equals_the_conditional_and_has_none(digit
         measured.append(bool(m_host["affinity_measured"]))
         assert bool(m_cond["affinity_measured"]) == measured[-1]
         np.testing.assert_allclose(m_host["affinity"], m_cond["affinity"], rtol=1e-4, atol=2e-5)
-    assert measured == [True, False, False, True] and int(s_host.affinity_count) == 2
+    assert measured == [True, False, False, True] and (s_host.affinity_count == 2).all()
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                  s_host.params, s_cond.params)
     compiled = host.lower(state, batch).compile()

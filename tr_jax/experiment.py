@@ -66,24 +66,31 @@ def build_dataset(config: ml_collections.ConfigDict) -> ArrayDataset:
 
 
 def build_model(config: ml_collections.ConfigDict, num_tasks: int) -> models.MultiTaskModel:
-    """``config.model`` with ``num_tasks``, ``config.sharing`` (None: unrouted) and kwargs."""
+    """``config.model`` with ``num_tasks``, ``config.sharing`` (None: unrouted), kwargs and
+    ``config.dtype`` (the computation dtype, e.g. ``"bfloat16"``; parameters stay float32)."""
     if config.model not in MODELS:
         raise ValueError(f"config.model={config.model!r} is unknown; use one of {list(MODELS)}.")
-    sharing = config.get("sharing")
-    return MODELS[config.model](num_tasks=num_tasks, sharing=sharing,
-                                scheme=config.get("scheme", "random"),
-                                **dict(config.get("model_kwargs", {})))
+    kwargs = dict(config.get("model_kwargs", {}))
+    if config.get("dtype"):
+        kwargs["dtype"] = jax.numpy.dtype(config.dtype)
+    return MODELS[config.model](num_tasks=num_tasks, sharing=config.get("sharing"),
+                                scheme=config.get("scheme", "random"), **kwargs)
+
+
+def build_learning_rate(config: ml_collections.ConfigDict, steps_per_epoch: int
+                        ) -> float | optax.Schedule:
+    """``config.learning_rate``, multiplied by ``lr_decay`` every ``lr_decay_epochs`` epochs
+    (0: constant) as an optax schedule of the step count."""
+    if not config.get("lr_decay_epochs", 0):
+        return config.learning_rate
+    return optax.exponential_decay(config.learning_rate, config.lr_decay_epochs * steps_per_epoch,
+                                   config.get("lr_decay", 0.5), staircase=True)
 
 
 def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
                     ) -> optax.GradientTransformation:
-    """SGD (with momentum) or Adam, learning rate multiplied by ``lr_decay`` every
-    ``lr_decay_epochs`` epochs (0: constant)."""
-    lr: Any = config.learning_rate
-    if config.get("lr_decay_epochs", 0):
-        lr = optax.exponential_decay(config.learning_rate,
-                                     config.lr_decay_epochs * steps_per_epoch,
-                                     config.get("lr_decay", 0.5), staircase=True)
+    """SGD (with momentum) or Adam at :func:`build_learning_rate`'s rate."""
+    lr = build_learning_rate(config, steps_per_epoch)
     if config.optimizer == "sgd":
         return optax.sgd(lr, momentum=config.get("momentum") or None)
     if config.optimizer == "adam":
@@ -91,40 +98,63 @@ def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
     raise ValueError(f"config.optimizer={config.optimizer!r} is unknown; use 'sgd' or 'adam'.")
 
 
+def balanced_tasks(batch_size: int, num_tasks: int, rng: np.random.Generator) -> np.ndarray:
+    """(B,) int32 task ids dealt round-robin, then shuffled: with B >= T every task appears."""
+    return rng.permutation(np.arange(batch_size) % num_tasks).astype(np.int32)
+
+
 def route_batch(batch: dict, mode: str, num_tasks: int, rng: np.random.Generator,
-                task_order: np.ndarray, step_in_epoch: int) -> dict:
+                task_order: np.ndarray, step_in_epoch: int, balanced: bool = False) -> dict:
     """Adds ``batch["task"]`` for the routed training modes.
 
     ``"task_per_batch"`` visits tasks in the epoch's shuffled ``task_order``;
-    ``"per_example"`` draws one task per example uniformly.
+    ``"per_example"`` draws one task per example uniformly or, with ``balanced``, deals them
+    (:func:`balanced_tasks`).
     """
     if mode == "task_per_batch":
         return {**batch, "task": np.int32(task_order[step_in_epoch % num_tasks])}
     if mode == "per_example":
-        return {**batch, "task": rng.integers(0, num_tasks, len(batch["labels"]), np.int32)}
+        b = len(batch["labels"])
+        return {**batch, "task": balanced_tasks(b, num_tasks, rng) if balanced
+                else rng.integers(0, num_tasks, b, np.int32)}
     return batch
 
 
-def affinity_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def affinity_options(config: ml_collections.ConfigDict, steps_per_epoch: int
+                     ) -> dict[str, Any]:
     """``make_train_step`` keyword arguments for ``config.affinity`` (empty when off).
 
-    Z is normalized by ``config.learning_rate`` (the base rate, also under a schedule).
+    Z is normalized by the optimizer's learning rate at each measured step
+    (:func:`build_learning_rate`).
     """
     if not config.get("affinity"):
         return {}
     return {"affinity": config.affinity, "affinity_every": config.get("affinity_every", 1),
             "affinity_mode": config.get("affinity_mode") or "all_tasks",
-            "lookahead": config.get("lookahead", "sgd"), "lr": config.learning_rate,
+            "lookahead": config.get("lookahead", "sgd"),
+            "lr": build_learning_rate(config, steps_per_epoch),
             "strategy": config.get("strategy", "auto"),
             "affinity_chunk_size": config.get("affinity_chunk_size") or None}
+
+
+# Settings a resumed run must share with the checkpoint's run (they change what it trains).
+TRAINING_SETTINGS = ("mode", "balanced_tasks", "optimizer", "learning_rate", "momentum",
+                     "lr_decay_epochs", "lr_decay", "affinity", "affinity_every", "affinity_mode",
+                     "lookahead")
+
+
+def training_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The :data:`TRAINING_SETTINGS` of ``config`` (None where unset), for the checkpoint
+    fingerprint."""
+    return {key: config.get(key) for key in TRAINING_SETTINGS}
 
 
 Step = Any  # (state, batch) -> outputs
 
 
 def build_steps(config: ml_collections.ConfigDict, model: models.MultiTaskModel,
-                optimizer: optax.GradientTransformation,
-                sample: dict) -> tuple[train.TrainState, Step, Step]:
+                optimizer: optax.GradientTransformation, sample: dict,
+                steps_per_epoch: int) -> tuple[train.TrainState, Step, Step]:
     """The initial train state and the ``(state, batch)`` train and eval steps.
 
     Without ``config.mesh`` they are jitted for the default device. With ``config.mesh =
@@ -137,7 +167,8 @@ def build_steps(config: ml_collections.ConfigDict, model: models.MultiTaskModel,
     """
     key = jax.random.key(config.seed)
     chunk_size = config.get("chunk_size") or None
-    step_kwargs = {"mode": config.mode, "chunk_size": chunk_size, **affinity_options(config)}
+    step_kwargs = {"mode": config.mode, "chunk_size": chunk_size,
+                   **affinity_options(config, steps_per_epoch)}
     if not config.get("mesh"):
         return (train.create_train_state(model, optimizer, key, sample),
                 train.make_train_step(model, optimizer, **step_kwargs),
@@ -209,12 +240,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     model = build_model(config, t)
     optimizer = build_optimizer(config, steps_per_epoch)
     sample = next(dataset.batches("train", config.batch_size))
-    state, train_step, eval_step = build_steps(config, model, optimizer, sample)
+    state, train_step, eval_step = build_steps(config, model, optimizer, sample, steps_per_epoch)
+    balanced = config.get("balanced_tasks", False)
+    if balanced and config.batch_size < t:
+        raise ValueError(f"config.balanced_tasks needs config.batch_size >= {t} tasks (every "
+                         f"task in every batch); got {config.batch_size}.")
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    checkpoint.fingerprint(
                                        model, state, dataset.task_names, seed=config.seed,
                                        batch_size=config.batch_size,
-                                       steps_per_epoch=steps_per_epoch),
+                                       steps_per_epoch=steps_per_epoch,
+                                       **training_settings(config)),
                                    every_steps=config.get("checkpoint_every_steps", 0),
                                    keep=config.get("keep_checkpoints", 3), config=config)
     state, position, loop, _ = ckpt.start(state, resume)
@@ -242,15 +278,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             for i, batch in enumerate(dataset.batches("train", config.batch_size, epoch=epoch,
                                                       seed=config.seed, start=start), start):
                 rng = np.random.default_rng([config.seed, epoch, 2, i])  # resumable per batch
-                batch = route_batch(batch, config.mode, t, rng, task_order, i)
+                batch = route_batch(batch, config.mode, t, rng, task_order, i, balanced)
                 if (epoch, i) == (begin.epoch, begin.batch):
-                    train.check_batch(batch, t, config.mode)
+                    train.check_batch(batch, t, config.mode, config.get("affinity_mode")
+                                      if config.get("affinity") else None)
                 state, metrics = train_step(state, batch)
                 if not bool(metrics["finite"]):
                     raise FloatingPointError(
-                        f"non-finite loss at step {int(state.step)} (epoch {epoch}); the state "
-                        "was left at the last finite step. Lower config.learning_rate, or "
-                        "resume from the last checkpoint.")
+                        f"non-finite loss, gradient or affinity at step {int(state.step)} "
+                        f"(epoch {epoch}); the state was left at the last finite step. Lower "
+                        "config.learning_rate, or resume from the last checkpoint.")
                 bar.update()
                 if int(state.step) % config.get("log_every_steps", 50) == 0:
                     writer.write(int(state.step), {"loss": metrics["loss"],
@@ -269,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                            result["mean_balanced_accuracy"]})
     out = {"task_names": list(dataset.task_names), "steps": int(state.step),
            **{k: np.asarray(v).tolist() for k, v in result.items()}}
-    if int(state.affinity_count):
+    if np.any(state.affinity_count):
         out["affinity"] = np.asarray(train.mean_affinity(state)).tolist()
         save_affinity(workdir, np.asarray(out["affinity"]), dataset.task_names)
     if jax.process_index() == 0:

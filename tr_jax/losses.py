@@ -59,13 +59,38 @@ def routed_losses(logits: jax.Array, labels: jax.Array, task, num_tasks: int,
       over its own labelled examples, (T,) (0 for tasks absent from the batch).
     """
     chex.assert_rank(logits, 2)
-    batch = logits.shape[0]
-    task_ids = jnp.broadcast_to(jnp.asarray(task), (batch,))
-    mask = _check_labels(jnp.zeros((batch, num_tasks, 1)), labels, label_mask, 2)
-    rows = jnp.arange(batch)
-    ce = cross_entropy_per_example(logits, labels[rows, task_ids]) * mask[rows, task_ids]
-    weight = mask[rows, task_ids]
+    task_ids, weight = _routed_weights(labels, task, num_tasks, label_mask)
+    rows = jnp.arange(logits.shape[0])
+    ce = cross_entropy_per_example(logits, labels[rows, task_ids]) * weight
     total = ce.sum() / jnp.maximum(weight.sum(), 1.0)
     per_task = (jax.ops.segment_sum(ce, task_ids, num_tasks)
                 / jnp.maximum(jax.ops.segment_sum(weight, task_ids, num_tasks), 1.0))
     return total, per_task
+
+
+def _routed_weights(labels: jax.Array, task, num_tasks: int,
+                    label_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """(B,) task id of each example and (B,) 1/0: whether it has that task's label."""
+    batch = labels.shape[0]
+    task_ids = jnp.broadcast_to(jnp.asarray(task), (batch,))
+    mask = _check_labels(jnp.zeros((batch, num_tasks, 1)), labels, label_mask, 2)
+    return task_ids, mask[jnp.arange(batch), task_ids]
+
+
+def labelled_tasks(labels: jax.Array, label_mask: jax.Array | None = None,
+                   task=None) -> jax.Array:
+    """Which tasks have a loss on the batch: (T,) bool, True where a task has at least one
+    labelled example (the others' losses are 0 and carry no gradient).
+
+    Args:
+      labels: int (B, T).
+      label_mask: optional (B, T); False/0 = label missing.
+      task: None when every example counts for every task (:func:`per_task_losses`), else the
+        task each example is routed through, an int scalar or (B,) (:func:`routed_losses`).
+    """
+    chex.assert_rank(labels, 2)
+    num_tasks = labels.shape[1]
+    if task is None:
+        return _check_labels(labels, labels, label_mask, 2).sum(0) > 0
+    task_ids, weight = _routed_weights(labels, task, num_tasks, label_mask)
+    return jax.ops.segment_sum(weight, task_ids, num_tasks) > 0

@@ -118,10 +118,10 @@ class GroupTrainer:
     def __init__(self, config: ml_collections.ConfigDict, dataset: ArrayDataset):
         self.config, self.dataset = config, dataset
         self.num_tasks = dataset.num_tasks
-        steps_per_epoch = dataset.steps_per_epoch("train", config.batch_size)
-        self.steps_per_run = config.num_epochs * steps_per_epoch
+        self.steps_per_epoch = dataset.steps_per_epoch("train", config.batch_size)
+        self.steps_per_run = config.num_epochs * self.steps_per_epoch
         self.model = build_model(config, self.num_tasks)
-        self.optimizer = build_optimizer(config, steps_per_epoch)
+        self.optimizer = build_optimizer(config, self.steps_per_epoch)
         self._sample = self._batch(next(dataset.batches("train", config.batch_size)))
         self._init = jax.jit(functools.partial(train.create_train_state, self.model,
                                                self.optimizer))
@@ -148,7 +148,7 @@ class GroupTrainer:
             with config.unlocked():
                 config.affinity = affinity
             step = train.make_train_step(self.model, self.optimizer, mode="all_tasks",
-                                         **affinity_options(config))
+                                         **affinity_options(config, self.steps_per_epoch))
             start = time.perf_counter()
             state = self._init(jax.random.key(config.seed), self._sample)
             self._steps[affinity] = step.lower(state, self._sample).compile()
@@ -182,7 +182,7 @@ class GroupTrainer:
                 state, metrics = step(state, batch)
                 finite.append(metrics["finite"])
         if not np.all(jax.device_get(finite)):
-            raise FloatingPointError(f"non-finite loss training tasks {tasks}; lower "
+            raise FloatingPointError(f"non-finite step training tasks {tasks}; lower "
                                      f"config.learning_rate (now {c.learning_rate}).")
         outside = ~member
         val = np.where(outside, np.nan, self._evaluate(state, "validation"))

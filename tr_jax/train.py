@@ -16,7 +16,7 @@ Training modes (DESIGN §2):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import chex
 import flax.struct
@@ -48,9 +48,9 @@ def _lookahead(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, ch
 
 def _cosine(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size,
             losses_and_grads=None):
-    del lr, update_fn, key, strategy
-    return affinity_lib.gradient_cosine(loss_fn, shared, rest, batch, chunk_size=chunk_size,
-                                        losses_and_grads=losses_and_grads)
+    del lr, update_fn, key
+    return affinity_lib.gradient_cosine(loss_fn, shared, rest, batch, strategy=strategy,
+                                        chunk_size=chunk_size, losses_and_grads=losses_and_grads)
 
 
 def _taylor(loss_fn, shared, rest, batch, *, lr, update_fn, key, strategy, chunk_size,
@@ -91,9 +91,11 @@ class TrainState(flax.struct.PyTreeNode):
       batch_stats: BatchNorm running statistics ({} when the model has none).
       routing: the fixed routing masks ({} for unrouted models); never seen by the optimizer.
       opt_state: optimizer state over ``params`` only.
-      rng: PRNG key for stochastic layers.
+      rng: PRNG key of the step's randomness (folded with ``step``; the sketched affinity's
+        directions draw from it).
       affinity_sum: float32 (T, T), running sum of the measured affinity matrices.
-      affinity_count: int32 scalar, number of steps that measured affinity.
+      affinity_count: int32 (T, T), the number of measured steps added into each entry: an
+        entry [i, j] counts the steps on which both tasks i and j had a labelled example.
     """
 
     step: jax.Array
@@ -140,13 +142,20 @@ def create_train_state(model: MultiTaskModel, optimizer: optax.GradientTransform
                       routing=variables.get(routing.ROUTING, {}),
                       opt_state=optimizer.init(params), rng=k_rng,
                       affinity_sum=jnp.zeros((t, t), jnp.float32),
-                      affinity_count=jnp.zeros((), jnp.int32))
+                      affinity_count=jnp.zeros((t, t), jnp.int32))
 
 
-def check_batch(batch: dict, num_tasks: int, mode: Mode) -> None:
-    """Raises a clear error when a batch does not fit the model and training mode."""
+def check_batch(batch: dict, num_tasks: int, mode: Mode,
+                affinity_mode: Mode | None = None) -> None:
+    """Raises a clear error when a batch does not fit the model, the training mode and (when
+    given) the mode of the affinity's losses."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}.")
+    if affinity_mode == "per_example" and mode != "per_example":
+        if "task" not in batch:
+            raise KeyError("affinity_mode='per_example' needs batch['task'], the task of each "
+                           "example (ints (B,)); use affinity_mode='all_tasks' otherwise.")
+        check_batch(batch, num_tasks, "per_example")
     for key in ("image", "labels"):
         if key not in batch:
             raise KeyError(f"batch has no {key!r} entry; got keys {sorted(batch)}.")
@@ -239,7 +248,8 @@ class PeriodicStep:
 def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformation, *,
                     mode: Mode = "all_tasks", chunk_size: int | None = None,
                     affinity: str | None = None, affinity_every: int = 1,
-                    lookahead: str = "sgd", lr: float | None = None, strategy: str = "auto",
+                    lookahead: str = "sgd", lr: float | optax.Schedule | None = None,
+                    strategy: str = "auto",
                     affinity_chunk_size: int | None = None, affinity_mode: Mode = "all_tasks",
                     affinity_fn: Callable[..., jax.Array] | None = None,
                     affinity_dispatch: Dispatch = "auto", jit: bool = True
@@ -249,9 +259,11 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
     With ``affinity`` set, every ``affinity_every``-th step (``state.step % k == 0``) also
     measures a (T, T) task-affinity matrix inside the same jitted step, on the same batch and
     before the update, and adds it to ``state.affinity_sum`` / ``affinity_count``. The update
-    itself is the plain all-task update either way. Affinity always uses every task's loss on
-    every example (``"all_tasks"``; routed models route each target task through its own
-    masks), BatchNorm with the batch's statistics and no running-average update.
+    itself is the step's ``mode`` update either way. The affinity's losses (``affinity_mode``)
+    use BatchNorm with the batch's statistics and no running-average update. Entries [i, j]
+    where task i or j has no labelled example in the batch (its loss is 0) are not measured
+    on that step: they are NaN in ``metrics["affinity"]`` and left out of the running sum and
+    count.
 
     Args:
       model: the model.
@@ -267,7 +279,9 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
       lookahead: ``"sgd"`` (Δ_i = lr g_i) or ``"optimizer"`` (the optimizer's own step from
         g_i alone at its current state, e.g. SGD momentum as in the official CelebA code).
       lr: learning rate that normalizes Z (and the ``"sgd"`` lookahead step); required with
-        ``affinity``.
+        ``affinity``. A float or, when the optimizer follows a schedule, the same optax
+        schedule: each measurement then uses its rate at ``state.step``, the rate of the
+        optimizer's own step (with ``lookahead="optimizer"``, Δ_i is taken at that rate).
       strategy: how the T lookahead forwards run (see
         :func:`tr_jax.affinity.lookahead_affinity`).
       affinity_chunk_size: tasks per chunk inside the affinity computation.
@@ -288,9 +302,11 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
 
     Returns:
       The step. ``metrics`` holds ``loss`` (scalar), ``task_losses`` (T,), ``grad_norm`` and
-      ``finite``; with affinity also ``affinity`` (T, T; zeros on steps that do not measure)
-      and ``affinity_measured`` (bool). A non-finite loss leaves the state unchanged and sets
-      ``finite`` False, so the loop can stop and resume from the last checkpoint.
+      ``finite``; with affinity also ``affinity`` (T, T; zeros on steps that do not measure,
+      NaN where a task had no label) and ``affinity_measured`` (bool). A non-finite loss,
+      gradient or measured affinity entry leaves the state unchanged (the affinity sum
+      included) and sets ``finite`` False, so the loop can stop and resume from the last
+      checkpoint.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}.")
@@ -302,9 +318,9 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
             estimators.model_representation(model)   # raises for routed models
         if lookahead not in LOOKAHEADS:
             raise ValueError(f"lookahead={lookahead!r} is unknown; use one of {LOOKAHEADS}.")
-        if lr is None or not lr > 0:
-            raise ValueError(f"affinity={affinity!r} needs the learning rate lr > 0 that "
-                             f"normalizes Z; got lr={lr}.")
+        if lr is None or not float(lr(0) if callable(lr) else lr) > 0:
+            raise ValueError(f"affinity={affinity!r} needs the learning rate lr > 0 (or the "
+                             f"optimizer's schedule) that normalizes Z; got lr={lr}.")
         if int(affinity_every) < 1:
             raise ValueError(f"affinity_every={affinity_every} must be >= 1.")
         if affinity_dispatch not in DISPATCHES:
@@ -313,6 +329,10 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
         if affinity_mode not in ("all_tasks", "per_example"):
             raise ValueError(f"affinity_mode={affinity_mode!r} must be 'all_tasks' or "
                              "'per_example'.")
+        if affinity_mode == "per_example" and mode == "task_per_batch":
+            raise ValueError("affinity_mode='per_example' compares tasks on the examples "
+                             "routed to each, but mode='task_per_batch' routes the whole batch "
+                             "through one task; use affinity_mode='all_tasks'.")
 
     # With the affinity measured from the per-task gradients of the training loss itself, the
     # update's gradient is their sum: no backward pass of its own (see FROM_TASK_GRADS).
@@ -326,9 +346,10 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
         return total, (per_task, new_stats)
 
     def measure(state: TrainState, batch: dict, losses_and_grads=None) -> jax.Array:
+        lr_now = lr(state.step) if callable(lr) else lr
         if affinity == REPRESENTATION and affinity_fn is None:
             return estimators.model_representation_affinity(
-                model, state.variables, batch, lr=lr).astype(jnp.float32)
+                model, state.variables, batch, lr=lr_now).astype(jnp.float32)
         shared, rest = affinity_lib.split_params(state.params, SHARED)
         others = {k: v for k, v in state.variables.items() if k != "params"}
 
@@ -344,7 +365,7 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
                      if lookahead == "optimizer" else None)
         fn = affinity_fn or AFFINITIES[affinity]
         extra = {} if losses_and_grads is None else {"losses_and_grads": losses_and_grads}
-        z = fn(task_losses, shared, (rest, others), batch, lr=lr, update_fn=update_fn,
+        z = fn(task_losses, shared, (rest, others), batch, lr=lr_now, update_fn=update_fn,
                key=jax.random.fold_in(state.rng, state.step), strategy=strategy,
                chunk_size=affinity_chunk_size, **extra)
         return z.astype(jnp.float32)
@@ -369,6 +390,7 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
 
         def step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
             metrics, out = {}, None
+            old = state
             if affinity is not None:
                 if measuring and reuse_grads:
                     measured = jnp.bool_(True)
@@ -381,20 +403,32 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
                     measured = jnp.bool_(measuring)
                     z = measure(state, batch) if measuring else jnp.zeros_like(
                         state.affinity_sum)
-                state = state.replace(affinity_sum=state.affinity_sum + z,
-                                      affinity_count=state.affinity_count + measured)
-                metrics.update(affinity=z, affinity_measured=measured)
+                # A task with no labelled example has loss 0: Z's column j is 0 / 0 and its
+                # row i a step of size 0. Those entries are left out of the run mean.
+                present = losses_lib.labelled_tasks(
+                    batch["labels"], batch.get("label_mask"),
+                    batch["task"] if affinity_mode == "per_example" else None)
+                counted = present[:, None] & present[None, :] & measured
+                z_ok = jnp.isfinite(z).all(where=counted)
+                state = state.replace(
+                    affinity_sum=state.affinity_sum + jnp.where(counted, z, 0.0),
+                    affinity_count=state.affinity_count + counted)
+                metrics.update(affinity=jnp.where(counted | ~measured, z, jnp.nan),
+                               affinity_measured=measured)
             if out is None:
                 out = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state, batch)
             (total, (per_task, new_stats)), grads = out
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            finite = jnp.isfinite(total)
+            grad_norm = optax.global_norm(grads)
+            finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+            if affinity is not None:
+                finite &= z_ok
             new = state.replace(step=state.step + 1,
                                 params=optax.apply_updates(state.params, updates),
                                 opt_state=opt_state,
                                 batch_stats=state.batch_stats if new_stats is None else new_stats)
-            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-            metrics.update(loss=total, task_losses=per_task, grad_norm=optax.global_norm(grads),
+            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            metrics.update(loss=total, task_losses=per_task, grad_norm=grad_norm,
                            finite=finite)
             return new, metrics
 
@@ -444,18 +478,20 @@ def summarize_counts(counts: dict[str, np.ndarray]) -> dict[str, Any]:
     Returns:
       {"accuracy": (T,), "balanced_accuracy": (T,), "mean_accuracy": float,
       "mean_balanced_accuracy": float}. Balanced accuracy is the mean of the true-positive and
-      true-negative rates over the classes present.
+      true-negative rates over the classes present. A task with no labelled example has NaN
+      accuracies and is left out of the means.
     """
     c = {k: np.asarray(v, np.float64) for k, v in counts.items()}
-    acc = c["correct"] / np.maximum(c["count"], 1)
+    acc = np.where(c["count"] > 0, c["correct"] / np.maximum(c["count"], 1), np.nan)
     tpr = np.where(c["tp"] + c["fn"] > 0, c["tp"] / np.maximum(c["tp"] + c["fn"], 1), np.nan)
     tnr = np.where(c["tn"] + c["fp"] > 0, c["tn"] / np.maximum(c["tn"] + c["fp"], 1), np.nan)
     bal = np.nanmean(np.stack([tpr, tnr]), axis=0)
-    return {"accuracy": acc, "balanced_accuracy": bal, "mean_accuracy": float(acc.mean()),
+    return {"accuracy": acc, "balanced_accuracy": bal, "mean_accuracy": float(np.nanmean(acc)),
             "mean_balanced_accuracy": float(np.nanmean(bal))}
 
 
-def evaluate(eval_step, state: TrainState, batches) -> dict[str, Any]:
+def evaluate(eval_step: Callable[[TrainState, dict], Metrics], state: TrainState,
+             batches: Iterable[dict]) -> dict[str, Any]:
     """Runs ``eval_step`` over ``batches`` and summarizes (see :func:`summarize_counts`)."""
     total = None
     for batch in batches:
@@ -468,11 +504,14 @@ def evaluate(eval_step, state: TrainState, batches) -> dict[str, Any]:
 
 
 def mean_affinity(state: TrainState) -> jax.Array:
-    """The run-averaged affinity matrix (T, T): running sum over the measured steps / count.
+    """The run-averaged affinity matrix (T, T): each entry's running sum over the steps that
+    measured it / their count (NaN for a pair never measured: one of its tasks never had a
+    labelled example in a measuring batch).
 
     ``Z[i, j]`` is the effect of a step on source task i onto target task j.
     """
-    if int(state.affinity_count) == 0:
+    count = np.asarray(state.affinity_count)
+    if not count.any():
         raise ValueError("no affinity has been measured yet: train with affinity=... and at "
                          "least affinity_every steps.")
-    return state.affinity_sum / state.affinity_count
+    return jnp.where(count > 0, state.affinity_sum / np.maximum(count, 1), jnp.nan)

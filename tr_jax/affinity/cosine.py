@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from tr_jax.affinity.per_task import LossFn, PyTree, per_task_grads
+from tr_jax.affinity.strategy import Strategy
 
 
 def kernel_leaves(grads: PyTree) -> list[jax.Array]:
@@ -42,7 +43,7 @@ def cosine_from_grads(grads: PyTree, eps: float = 1e-12) -> jax.Array:
 
 
 def gradient_cosine(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, *,
-                    chunk_size: int | None = None,
+                    strategy: Strategy = "auto", chunk_size: int | None = None,
                     losses_and_grads: tuple[jax.Array, PyTree] | None = None) -> jax.Array:
     """Gradient cosine similarity (CS) of every pair of tasks on one batch.
 
@@ -52,7 +53,8 @@ def gradient_cosine(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, *
         in the official CS baseline.
       rest: everything else the loss needs.
       batch: one batch.
-      chunk_size: passed to :func:`per_task_grads` to bound memory at large T.
+      strategy, chunk_size: how :func:`per_task_grads` runs the T backward passes (as for
+        :func:`tr_jax.affinity.lookahead_affinity`).
       losses_and_grads: ``(losses, grads)`` from ``per_task_grads`` when the caller has them.
 
     Returns:
@@ -60,5 +62,6 @@ def gradient_cosine(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, *
       with a zero kernel gradient).
     """
     if losses_and_grads is None:
-        losses_and_grads = per_task_grads(loss_fn, shared, rest, batch, chunk_size=chunk_size)
+        losses_and_grads = per_task_grads(loss_fn, shared, rest, batch, strategy=strategy,
+                                          chunk_size=chunk_size)
     return cosine_from_grads(losses_and_grads[1])

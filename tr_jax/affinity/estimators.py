@@ -257,7 +257,7 @@ def sketched_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any,
       distribution: ``"rademacher"`` (default, lower variance) or ``"gaussian"``.
       update_fn: ``g -> Δ``, the step subtracted from θ_s (see above); None: SGD, lr g.
       strategy, chunk_size: how the k directions run (as for ``lookahead_affinity``'s T
-        forwards: ``"auto"`` unrolls up to 40 on CPU).
+        forwards; see :func:`tr_jax.affinity.strategy.resolve_strategy`).
 
     Returns:
       (T, T) unbiased estimate of the first-order affinity ``Δ_i·g_j / (lr L_j)`` (source i,
