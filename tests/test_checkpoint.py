@@ -339,6 +339,8 @@ def test_resumed_run_logs_each_step_once(tmp_path):
     for step in range(1, 6):
         writer.write(step, {"loss": float(step)})
     writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # the line a hard kill cut off
     writer = MetricWriter(str(tmp_path), tensorboard=False, resume_step=3)
     writer.write(4, {"loss": -4.0})
     writer.close()

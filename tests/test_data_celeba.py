@@ -133,6 +133,8 @@ def test_shuffle_is_seeded(mocked):
     assert first != list(range(NUM_EXAMPLES))
     assert order(seed=2, epoch=0) != first and order(seed=1, epoch=1) != first
     assert order(seed=1, epoch=0, start=2) == first[4:]
+    with pytest.raises(ValueError, match="start=-1 must be >= 0"):
+        next(ds.batches("train", 2, start=-1))
 
 
 def test_augment_flips_train_images_only(mocked):

@@ -97,6 +97,27 @@ def test_exact_equals_official_search(objective):
     run()
 
 
+@pytest.mark.parametrize("objective", grouping.OBJECTIVES)
+@pytest.mark.parametrize("method", ["milp", "heuristic"])
+def test_search_scores_and_bounds_bracket_the_exact_optimum(objective, method):
+    # TAG maximizes: score <= exact optimum <= bound. HOA minimizes: the other way round.
+    @settings(max_examples=12, deadline=None)
+    @given(problems(objective))
+    def run(problem):
+        scores, k = problem
+        best = grouping.select_groups(scores, k, objective=objective, method="exact").score
+        result = grouping.select_groups(scores, k, objective=objective, method=method)
+        check_valid(result, scores, k, objective)
+        tol = 1e-9 * max(1.0, abs(best))
+        sign = 1.0 if objective == "tag" else -1.0
+        assert sign * result.score <= sign * best + tol
+        if result.bound is not None:
+            assert sign * result.bound >= sign * best - tol
+            assert result.optimal == (abs(result.bound - result.score) <= tol)
+
+    run()
+
+
 def test_official_layout_orientation():
     # m[target][source]: the affinity of source onto target (TAG) / error of target with source.
     m = {"a": {"a": 9.0, "b": 1.0, "c": 2.0},

@@ -171,6 +171,21 @@ def test_affinity_over_steps_within_and_between_group_means():
     assert pair.get_label() == "r → p"
     with pytest.raises(ValueError, match="pairs"):
         plots.affinity_over_steps(np.arange(4), z)
+    with pytest.raises(ValueError, match="window=5 must be in \\[1, 4\\]"):
+        plots.affinity_over_steps(np.arange(4), z, groups=((0, 1),), window=5)
+
+
+def test_affinity_over_steps_skips_the_diagonal_and_unmeasured_entries():
+    # Task 2 is in no group: its self-affinity is not a "between groups" pair. On step 1 task
+    # 1 had no label (NaN row and column): that step's means use the entries measured.
+    z = np.zeros((3, 3, 3))
+    z[:, 2, 2] = 100.0
+    z[:, 0, 2] = 3.0
+    z[1, 1, :] = z[1, :, 1] = np.nan
+    fig = plots.affinity_over_steps(np.arange(3), z, groups=((0, 1),))
+    within, between = fig.axes[0].lines[:2]
+    np.testing.assert_allclose(within.get_ydata(), [0.0, np.nan, 0.0])
+    np.testing.assert_allclose(between.get_ydata(), [0.75, 1.5, 0.75])
 
 
 def test_runs_write_the_affinity_heatmap_next_to_their_results(tmp_path):

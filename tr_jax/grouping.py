@@ -258,8 +258,11 @@ def _finish(prob: _Problem, member: np.ndarray, method: str, objective: str,
     used = np.unique(serving)  # drop groups that serve nobody and are not needed for cover
     member, serving = member[used], np.searchsorted(used, serving)
     internal = float(best.mean())
-    if bound is not None and bound < internal:  # the bound is valid; only rounding can cross it
-        bound = internal
+    if bound is not None and bound < internal:
+        if internal - bound > _REL_TOL * max(1.0, abs(internal)):
+            raise AssertionError(f"{method}: upper bound {bound} below the score {internal} "
+                                 "of a feasible grouping; the bound computation is wrong.")
+        bound = internal  # rounding only
     optimal = bound is not None and bound - internal <= _REL_TOL * max(1.0, abs(internal))
     groups = tuple(tuple(int(i) for i in np.flatnonzero(row)) for row in member)
     native_bound = None if bound is None else float(prob.sign * bound)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -12,6 +13,15 @@ import numpy as np
 def _jsonable(value: Any) -> Any:
     value = np.asarray(jax.device_get(value))
     return value.item() if value.ndim == 0 else value.tolist()
+
+
+def _step_of(line: str) -> float:
+    """The step of one ``metrics.jsonl`` line; +inf (dropped on resume) for a blank line or
+    one cut off by a crash."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 class MetricWriter:
@@ -36,7 +46,7 @@ class MetricWriter:
         path = os.path.join(workdir, "metrics.jsonl")
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+                kept = [line for line in f if _step_of(line) <= resume_step]
             with open(path, "w") as f:
                 f.writelines(kept)
         self._file = open(path, "a")

@@ -11,6 +11,7 @@ onto target task ``j``; sources are rows (y axis), targets columns (x axis).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -82,7 +83,9 @@ def _runs(positions: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _annotate_cells(ax: Axes, values: np.ndarray, vmax: float) -> None:
-    """Writes every finite cell's value in it, with 2 significant digits at ``vmax``."""
+    """Writes every finite cell's value in it, with 2 significant digits at ``vmax`` > 0."""
+    if not vmax > 0:
+        raise ValueError(f"vmax={vmax} must be > 0 (the colour scale spans [-vmax, vmax]).")
     decimals = max(0, 1 - int(np.floor(np.log10(vmax))))
     for (p, q), value in np.ndenumerate(values):
         if np.isfinite(value):
@@ -310,6 +313,7 @@ def cost_vs_tasks(ts, seconds_by_method: Mapping[str, object],
 
 
 def _moving_average(x: np.ndarray, window: int) -> np.ndarray:
+    """Centered moving mean of (N,) ``x`` over ``window`` <= N steps, shorter at the ends."""
     if window <= 1:
         return x
     kernel = np.ones(window) / window
@@ -349,6 +353,8 @@ def affinity_over_steps(steps, affinities, *, pairs: Sequence[tuple[int, int]] =
     names = list(task_names) if task_names is not None else [str(i) for i in range(t)]
     if not pairs and not groups:
         raise ValueError("affinity_over_steps needs pairs=[(source, target), ...] or groups.")
+    if not 1 <= window <= len(steps):
+        raise ValueError(f"window={window} must be in [1, {len(steps)}], the number of steps.")
     fig, ax = _axes(ax, (6.0, 3.6))
     if groups:
         member = np.zeros((len(groups), t), bool)
@@ -357,10 +363,13 @@ def affinity_over_steps(steps, affinities, *, pairs: Sequence[tuple[int, int]] =
         same = (member.T.astype(int) @ member.astype(int)) > 0
         off = ~np.eye(t, dtype=bool)
         for label, cells, style in (("within groups", same & off, "-"),
-                                    ("between groups", ~same, "--")):
-            if cells.any():
-                ax.plot(steps, _moving_average(z[:, cells].mean(1), window), style,
-                        linewidth=2.5, label=label)
+                                    ("between groups", ~same & off, "--")):
+            if cells.any():  # NaN entries (a task without labels on that step) are skipped
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN steps stay NaN
+                    mean = np.nanmean(z[:, cells], axis=1)
+                ax.plot(steps, _moving_average(mean, window), style, linewidth=2.5,
+                        label=label)
     for i, j in pairs:
         ax.plot(steps, _moving_average(z[:, i, j], window), linewidth=1, alpha=0.8,
                 label=f"{names[i]} → {names[j]}")

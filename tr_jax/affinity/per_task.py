@@ -86,7 +86,7 @@ def per_task_grads(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, *,
 
 
 def pull_back_tasks(pullback: Callable, losses: jax.Array, strategy: Strategy = "auto",
-                    chunk_size: int | None = None):
+                    chunk_size: int | None = None) -> Any:
     """``pullback`` (a VJP function of the (T,) loss vector) applied to the T one-hot
     cotangents, run by ``strategy`` (resolved for backward passes); outputs stacked on a
     leading T axis."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ P = jax.P  # the task axis is tr_jax.sharding.TASK = "task" (not imported: tr_ja
 # imports tr_jax.train, which may import tr_jax.affinity)
 
 
-def sharded_lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch, *,
+def sharded_lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, *,
                                lr: float, mesh: Mesh, update_fn: UpdateFn | None = None,
                                strategy: Strategy = "auto", chunk_size: int | None = None,
                                losses_and_grads: tuple[jax.Array, PyTree] | None = None,
@@ -118,7 +119,7 @@ def sharded_lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, ba
     return jax.lax.with_sharding_constraint(z, NamedSharding(mesh, P()))
 
 
-def task_parallel(mesh: Mesh, axis: str = "task"):
+def task_parallel(mesh: Mesh, axis: str = "task") -> Callable[..., jax.Array]:
     """TAG lookahead with source tasks split over ``axis``, as a train-step affinity function.
 
     Returns ``fn(loss_fn, shared, rest, batch, *, lr, update_fn=None, key=None,

@@ -14,6 +14,13 @@ Batch = Mapping[str, np.ndarray]
 TaskSpec = int | Sequence[str | int] | None
 
 
+def check_start(start: int) -> None:
+    """Raises unless ``start``, the index of an epoch's first batch to yield, is >= 0."""
+    if start < 0:
+        raise ValueError(f"start={start} must be >= 0: the index of the first batch to yield "
+                         "in the epoch.")
+
+
 @dataclasses.dataclass(frozen=True)
 class ArrayDataset:
     """A multi-task dataset held in memory.
@@ -78,9 +85,7 @@ class ArrayDataset:
         if batch_size < 1 or (drop_remainder and batch_size > n):
             raise ValueError(f"batch_size={batch_size} must be in [1, {n}] for "
                              f"{self.name}/{split} ({n} examples).")
-        if start < 0:
-            raise ValueError(f"start={start} must be >= 0: the index of the first batch to "
-                             "yield in the epoch.")
+        check_start(start)
         order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle
                  else np.arange(n))
         for b in range(start, self.steps_per_epoch(split, batch_size, drop_remainder)):

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from tr_jax.data.base import TaskSpec, resolve_tasks  # noqa: F401 (public here too)
+from tr_jax.data.base import TaskSpec, check_start, resolve_tasks  # noqa: F401 (public here too)
 
 # example (dict of tf.Tensor) -> (labels (T_all,) bool or int, label_mask (T_all,) bool)
 LabelFn = Callable[[Mapping[str, Any]], tuple[Any, Any]]
@@ -136,6 +136,7 @@ class TFDSTaskDataset:
         import tensorflow_datasets as tfds
 
         tf = tensorflow()
+        check_start(start)
         per_batch = self.local_batch_size(batch_size)
         local = self._sizes(split)[1]
         if drop_remainder and per_batch > local:
