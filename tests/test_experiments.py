@@ -92,6 +92,17 @@ def test_celeba_config_has_the_official_hyper_parameters():
     assert (c.affinity, c.affinity_every, c.lookahead) == ("lookahead", 1, "optimizer")
 
 
+def test_learning_rate_halves_every_decay_period_and_normalizes_the_affinity():
+    c = module("celeba_tag").get_config()
+    rate = experiment.build_learning_rate(c, steps_per_epoch=10)
+    assert [float(rate(s)) for s in (0, 149, 150, 300)] == pytest.approx(
+        [5e-4, 5e-4, 2.5e-4, 1.25e-4])
+    assert experiment.affinity_options(c, steps_per_epoch=10)["lr"](150) == rate(150)
+    with c.unlocked():
+        c.lr_decay_epochs = 0
+    assert experiment.build_learning_rate(c, steps_per_epoch=10) == 5e-4
+
+
 def sync_saves(monkeypatch):
     """Synchronous checkpoint saves: TFDS's testing file-system mocks (mock_data, builders)
     swap functions that Orbax's background writer thread uses."""
