@@ -300,7 +300,10 @@ def run_scale(config, workdir: str) -> dict:
     else:
         dataset = experiment.build_dataset(config)
     t = dataset.num_tasks
-    if config.balanced_tasks and config.batch_size < t:
+    if config.mode != "per_example" or not config.balanced_tasks:
+        raise ValueError("the scale driver routes per example with balanced task ids: set "
+                         "config.mode='per_example' and config.balanced_tasks=True.")
+    if config.batch_size < t:
         raise ValueError(f"batch_size={config.batch_size} < {t} tasks: a balanced batch cannot "
                          "hold every task; raise config.batch_size.")
     steps_per_epoch = dataset.steps_per_epoch("train", config.batch_size)
@@ -356,8 +359,8 @@ def run_scale(config, workdir: str) -> dict:
            "mean_accuracy": result["mean_accuracy"],
            "mean_balanced_accuracy": result["mean_balanced_accuracy"],
            "affinity_shape": list(z.shape), "affinity_finite": bool(np.isfinite(z).all()),
-           "affinity_mean_offdiag": float(z[~np.eye(t, dtype=bool)].mean()),
-           "affinity_mean_diag": float(np.diag(z).mean()),
+           "affinity_mean_offdiag": float(np.nanmean(z[~np.eye(t, dtype=bool)])),
+           "affinity_mean_diag": float(np.nanmean(np.diag(z))),
            "affinity_vs_label_correlation": label_agreement(z, dataset)}
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
@@ -460,7 +463,8 @@ def markdown(results: dict) -> str:
         lines += _memory_rows(results["memory_full"]) + [""]
     if "precision" in results:
         lines += ["### Mixed precision (digits quickstart, 12 epochs)", "",
-                  "`model_kwargs.dtype=bfloat16`: bfloat16 activations and matmuls, float32 "
+                  "`model_kwargs.dtype` set to bfloat16 in code: bfloat16 activations and "
+                  "matmuls, float32 "
                   "parameters, optimizer state and losses.", "",
                   "| compute dtype | test mean accuracy | balanced | wall [s] |",
                   "|---|---:|---:|---:|"]

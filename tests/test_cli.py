@@ -35,6 +35,11 @@ def test_format_affinity_ranks_source_target_pairs():
     helpful, harmful = text.split("most harmful")
     assert "a -> b: +2" in helpful and "b -> c: -3" in harmful
     assert "+9" not in text   # the diagonal (a task on itself) is left out
+    matrix[1, 0] = matrix[2, 0] = np.nan  # never measured: counted, not ranked
+    text = cli.format_affinity(matrix, ("a", "b", "c"), "taylor", top=1)
+    helpful, harmful = text.split("most harmful")
+    assert "2 pairs never measured" in text and "nan" not in text
+    assert "a -> b: +2" in helpful and "b -> c: -3" in harmful
 
 
 def test_bench_runs_the_named_script_with_its_arguments(capsys):

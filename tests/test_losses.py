@@ -48,3 +48,15 @@ def test_mismatched_label_shape_is_an_error():
         losses.per_task_losses(jnp.zeros((6, 4, 2)), jnp.zeros((6, 3), int))
     with pytest.raises(ValueError, match="label_mask"):
         losses.per_task_losses(jnp.zeros((6, 4, 2)), jnp.zeros((6, 4), int), jnp.ones((6,)))
+
+
+def test_labelled_tasks_all_tasks_and_routed():
+    labels = np.zeros((4, 3), np.int32)
+    mask = np.array([[1, 0, 0], [1, 0, 1], [0, 0, 1], [1, 0, 0]], bool)
+    np.testing.assert_array_equal(losses.labelled_tasks(labels), [True] * 3)
+    np.testing.assert_array_equal(losses.labelled_tasks(labels, mask), [True, False, True])
+    # Routed: example b counts for task[b] only, if it has that label.
+    ids = np.array([0, 2, 1, 1])
+    np.testing.assert_array_equal(losses.labelled_tasks(labels, None, ids), [True, True, True])
+    np.testing.assert_array_equal(losses.labelled_tasks(labels, mask, ids), [True, False, True])
+    np.testing.assert_array_equal(losses.labelled_tasks(labels, mask, 1), [False] * 3)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tr_jax.nn import conv as conv_lib
+from tr_jax.nn.winograd import winograd_conv
 
 LOWERINGS = ("xla", "im2col", "winograd")
 # (input H, W), kernel, strides, padding
@@ -147,6 +148,7 @@ def test_auto_picks_im2col_for_small_maps_on_cpu(monkeypatch):
     assert conv_lib.resolve_lowering("auto", (32, side, side, 8), (3, 3, 8, 8)) == "im2col"
     # the output map decides: a stride-2 conv on an 8x8 map has a 4x4 output
     assert conv_lib.resolve_lowering("auto", (32, 8, 8, 8), (3, 3, 8, 8), (2, 2)) == "im2col"
+    assert conv_lib.resolve_lowering("auto", (32, 8, 8, 8), (3, 3, 8, 8), 2) == "im2col"
 
 
 def test_auto_picks_winograd_for_3x3_stride_1_on_mid_maps_on_cpu(monkeypatch):
@@ -218,6 +220,8 @@ def test_bad_arguments_raise_clear_errors():
         conv_lib.conv2d(jnp.ones((1, 1, 1, 3)), k, padding="VALID", lowering="winograd")
     with pytest.raises(ValueError, match="padding"):
         conv_lib.conv2d(x, k, padding=((1, 1), (1, 1), (1, 1)))
+    with pytest.raises(ValueError, match=r"padded map \(1, 1\) is smaller than the 3x3"):
+        winograd_conv(jnp.ones((1, 1, 1, 3)), k, ((0, 0), (0, 0)))
 
 
 @pytest.mark.parametrize("lowering", LOWERINGS + ("auto",))

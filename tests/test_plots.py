@@ -1,4 +1,6 @@
 """Figures: PNGs are written, pixels follow the data, axes carry what they claim."""
+import json
+
 import matplotlib.image
 import numpy as np
 import pytest
@@ -186,6 +188,12 @@ def test_affinity_over_steps_skips_the_diagonal_and_unmeasured_entries():
     within, between = fig.axes[0].lines[:2]
     np.testing.assert_allclose(within.get_ydata(), [0.0, np.nan, 0.0])
     np.testing.assert_allclose(between.get_ydata(), [0.75, 1.5, 0.75])
+    # The moving mean averages the finite values of each window.
+    fig = plots.affinity_over_steps(np.arange(3), z, pairs=[(1, 0)], window=3)
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [0.0, 0.0, 0.0])
+    z[:, 1, 0] = [1.0, np.nan, 3.0]
+    fig = plots.affinity_over_steps(np.arange(3), z, pairs=[(1, 0)], window=3)
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [1.0, 2.0, 3.0])
 
 
 def test_runs_write_the_affinity_heatmap_next_to_their_results(tmp_path):
@@ -196,3 +204,8 @@ def test_runs_write_the_affinity_heatmap_next_to_their_results(tmp_path):
     image = matplotlib.image.imread(tmp_path / "affinity.png")
     assert image.shape[0] > 300 and image.std() > 0.05
     np.testing.assert_array_equal(np.load(tmp_path / "affinity.npy"), z)
+    # A pair never measured (NaN) is null in the JSON, which stays strict.
+    z[0, 1] = np.nan
+    experiment.save_affinity(str(tmp_path), z, NAMES)
+    saved = json.loads((tmp_path / "affinity.json").read_text(), parse_constant=pytest.fail)
+    assert saved["matrix"][0][1] is None and saved["matrix"][1][0] == z[1, 0]

@@ -17,7 +17,7 @@ from tr_jax import (affinity, cpu_runtime, data, grouping, losses, models, routi
 __version__ = "0.1.0"
 _ON_FIRST_USE = ("checkpoint", "experiment", "metrics", "plots", "study")
 __all__ = ["affinity", "cpu_runtime", "data", "grouping", "losses", "models", "routing",
-           "sharding", "train", *_ON_FIRST_USE]
+           "sharding", "train"]  # not the _ON_FIRST_USE ones: a star import stays light
 
 
 def __getattr__(name: str) -> ModuleType:

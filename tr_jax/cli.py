@@ -80,12 +80,16 @@ def _affinity(args, overrides) -> None:
 def format_affinity(matrix: np.ndarray, task_names: tuple[str, ...], method: str,
                     top: int = 5) -> str:
     """A short text summary of a (T, T) run-averaged affinity (source i, target j): the
-    ``top`` most helpful and most harmful source -> target pairs."""
+    ``top`` most helpful and most harmful source -> target pairs (pairs never measured, NaN,
+    are counted but not ranked)."""
     off = [(float(matrix[i, j]), i, j) for i in range(len(task_names))
            for j in range(len(task_names)) if i != j]
-    off.sort()
+    unmeasured = sum(not np.isfinite(z) for z, _, _ in off)
+    off = sorted(p for p in off if np.isfinite(p[0]))
     lines = [f"mean {method} affinity over the run, {len(task_names)} tasks "
              "(Z[i, j] > 0: a step on task i lowers task j's loss)"]
+    if unmeasured:
+        lines.append(f"  {unmeasured} pairs never measured (a task without labelled examples)")
     for title, pairs in (("most helpful", off[::-1][:top]), ("most harmful", off[:top])):
         lines.append(f"  {title}:")
         lines += [f"    {task_names[i]} -> {task_names[j]}: {z:+.4g}" for z, i, j in pairs]

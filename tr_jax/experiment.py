@@ -137,16 +137,25 @@ def affinity_options(config: ml_collections.ConfigDict, steps_per_epoch: int
             "affinity_chunk_size": config.get("affinity_chunk_size") or None}
 
 
-# Settings a resumed run must share with the checkpoint's run (they change what it trains).
-TRAINING_SETTINGS = ("mode", "balanced_tasks", "optimizer", "learning_rate", "momentum",
-                     "lr_decay_epochs", "lr_decay", "affinity", "affinity_every", "affinity_mode",
-                     "lookahead")
-
-
 def training_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The :data:`TRAINING_SETTINGS` of ``config`` (None where unset), for the checkpoint
-    fingerprint."""
-    return {key: config.get(key) for key in TRAINING_SETTINGS}
+    """The settings a resumed run must share with the checkpoint's run, for its fingerprint:
+    those that change what a step trains or measures, with the values the run uses (defaults
+    filled in; the affinity's only when it is measured, ``balanced_tasks`` only when routing
+    per example, ``momentum`` only for SGD)."""
+    out = {"mode": config.mode, "optimizer": config.optimizer,
+           "learning_rate": config.learning_rate,
+           "lr_decay_epochs": config.get("lr_decay_epochs", 0) or None}
+    if config.optimizer == "sgd":
+        out["momentum"] = config.get("momentum") or None
+    if out["lr_decay_epochs"]:
+        out["lr_decay"] = config.get("lr_decay", 0.5)
+    if config.mode == "per_example":
+        out["balanced_tasks"] = bool(config.get("balanced_tasks", False))
+    options = affinity_options(config, steps_per_epoch=1)
+    for key in ("affinity", "affinity_every", "affinity_mode", "lookahead"):
+        if key in options:
+            out[key] = options[key]
+    return out
 
 
 Step = Any  # (state, batch) -> outputs
@@ -183,15 +192,28 @@ def build_steps(config: ml_collections.ConfigDict, model: models.MultiTaskModel,
             lambda st, batch: sharded_eval(st, local(pad(batch))))
 
 
+def _strict_json(value: Any) -> Any:
+    """``value`` (nested dicts and lists) with NaN as None, so ``json.dump`` writes ``null``
+    (strict JSON) for a task or pair that was never measured."""
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    return value
+
+
 def save_affinity(workdir: str, matrix: np.ndarray, task_names: tuple[str, ...]) -> None:
     """Writes the run-averaged affinity as ``affinity.npy``, ``affinity.json``
-    ({"task_names", "matrix", "orientation"}) and the heatmap ``affinity.png``, by process 0."""
+    ({"task_names", "matrix", "orientation"}; pairs never measured are null) and the heatmap
+    ``affinity.png``, by process 0."""
     if jax.process_index() != 0:
         return
     np.save(os.path.join(workdir, "affinity.npy"), matrix)
     with open(os.path.join(workdir, "affinity.json"), "w") as f:
         json.dump({"task_names": list(task_names), "orientation": "Z[source, target]",
-                   "matrix": np.asarray(matrix).tolist()}, f)
+                   "matrix": _strict_json(np.asarray(matrix).tolist())}, f, allow_nan=False)
     plots.affinity_heatmap(matrix, task_names, path=os.path.join(workdir, "affinity.png"))
 
 
@@ -236,15 +258,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """
     dataset = build_dataset(config)
     t = dataset.num_tasks
+    balanced = config.mode == "per_example" and config.get("balanced_tasks", False)
+    if balanced and config.batch_size < t:
+        raise ValueError(f"config.balanced_tasks needs config.batch_size >= {t} tasks (every "
+                         f"task in every batch); got {config.batch_size}.")
     steps_per_epoch = dataset.steps_per_epoch("train", config.batch_size)
     model = build_model(config, t)
     optimizer = build_optimizer(config, steps_per_epoch)
     sample = next(dataset.batches("train", config.batch_size))
     state, train_step, eval_step = build_steps(config, model, optimizer, sample, steps_per_epoch)
-    balanced = config.get("balanced_tasks", False)
-    if balanced and config.batch_size < t:
-        raise ValueError(f"config.balanced_tasks needs config.batch_size >= {t} tasks (every "
-                         f"task in every batch); got {config.batch_size}.")
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    checkpoint.fingerprint(
                                        model, state, dataset.task_names, seed=config.seed,
@@ -285,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 state, metrics = train_step(state, batch)
                 if not bool(metrics["finite"]):
                     raise FloatingPointError(
-                        f"non-finite loss, gradient or affinity at step {int(state.step)} "
+                        f"non-finite loss or gradient at step {int(state.step)} "
                         f"(epoch {epoch}); the state was left at the last finite step. Lower "
                         "config.learning_rate, or resume from the last checkpoint.")
                 bar.update()
@@ -311,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         save_affinity(workdir, np.asarray(out["affinity"]), dataset.task_names)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(out, f, indent=1)
+            json.dump(_strict_json(out), f, indent=1, allow_nan=False)
     return out
 
 

@@ -313,12 +313,15 @@ def cost_vs_tasks(ts, seconds_by_method: Mapping[str, object],
 
 
 def _moving_average(x: np.ndarray, window: int) -> np.ndarray:
-    """Centered moving mean of (N,) ``x`` over ``window`` <= N steps, shorter at the ends."""
+    """Centered moving mean of (N,) ``x`` over ``window`` <= N steps, shorter at the ends,
+    over the finite values only (NaN where a window has none)."""
     if window <= 1:
         return x
-    kernel = np.ones(window) / window
-    valid = np.convolve(np.ones(len(x)), kernel, mode="same")
-    return np.convolve(x, kernel, mode="same") / valid
+    kernel = np.ones(window)
+    finite = np.isfinite(x)
+    count = np.convolve(finite.astype(float), kernel, mode="same")
+    total = np.convolve(np.where(finite, x, 0.0), kernel, mode="same")
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def affinity_over_steps(steps, affinities, *, pairs: Sequence[tuple[int, int]] = (),

@@ -95,7 +95,8 @@ class TrainState(flax.struct.PyTreeNode):
         directions draw from it).
       affinity_sum: float32 (T, T), running sum of the measured affinity matrices.
       affinity_count: int32 (T, T), the number of measured steps added into each entry: an
-        entry [i, j] counts the steps on which both tasks i and j had a labelled example.
+        entry [i, j] counts the steps on which both tasks i and j had a labelled example and
+        the measured value was finite.
     """
 
     step: jax.Array
@@ -263,7 +264,8 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
     use BatchNorm with the batch's statistics and no running-average update. Entries [i, j]
     where task i or j has no labelled example in the batch (its loss is 0) are not measured
     on that step: they are NaN in ``metrics["affinity"]`` and left out of the running sum and
-    count.
+    count, as are non-finite measured entries (e.g. Z normalized by a schedule's rate of 0);
+    the measurement never changes the update.
 
     Args:
       model: the model.
@@ -303,10 +305,9 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
     Returns:
       The step. ``metrics`` holds ``loss`` (scalar), ``task_losses`` (T,), ``grad_norm`` and
       ``finite``; with affinity also ``affinity`` (T, T; zeros on steps that do not measure,
-      NaN where a task had no label) and ``affinity_measured`` (bool). A non-finite loss,
-      gradient or measured affinity entry leaves the state unchanged (the affinity sum
-      included) and sets ``finite`` False, so the loop can stop and resume from the last
-      checkpoint.
+      NaN where a task had no label) and ``affinity_measured`` (bool). A non-finite loss or
+      gradient leaves the state unchanged (the affinity sum included) and sets ``finite``
+      False, so the loop can stop and resume from the last checkpoint.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}.")
@@ -318,7 +319,7 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
             estimators.model_representation(model)   # raises for routed models
         if lookahead not in LOOKAHEADS:
             raise ValueError(f"lookahead={lookahead!r} is unknown; use one of {LOOKAHEADS}.")
-        if lr is None or not float(lr(0) if callable(lr) else lr) > 0:
+        if lr is None or not (callable(lr) or lr > 0):
             raise ValueError(f"affinity={affinity!r} needs the learning rate lr > 0 (or the "
                              f"optimizer's schedule) that normalizes Z; got lr={lr}.")
         if int(affinity_every) < 1:
@@ -409,20 +410,19 @@ def make_train_step(model: MultiTaskModel, optimizer: optax.GradientTransformati
                     batch["labels"], batch.get("label_mask"),
                     batch["task"] if affinity_mode == "per_example" else None)
                 counted = present[:, None] & present[None, :] & measured
-                z_ok = jnp.isfinite(z).all(where=counted)
+                metrics.update(affinity=jnp.where(counted | ~measured, z, jnp.nan),
+                               affinity_measured=measured)
+                # Non-finite entries (e.g. a schedule's rate of 0 normalizing Z) are not added.
+                counted &= jnp.isfinite(z)
                 state = state.replace(
                     affinity_sum=state.affinity_sum + jnp.where(counted, z, 0.0),
                     affinity_count=state.affinity_count + counted)
-                metrics.update(affinity=jnp.where(counted | ~measured, z, jnp.nan),
-                               affinity_measured=measured)
             if out is None:
                 out = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state, batch)
             (total, (per_task, new_stats)), grads = out
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             grad_norm = optax.global_norm(grads)
             finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-            if affinity is not None:
-                finite &= z_ok
             new = state.replace(step=state.step + 1,
                                 params=optax.apply_updates(state.params, updates),
                                 opt_state=opt_state,
@@ -506,7 +506,7 @@ def evaluate(eval_step: Callable[[TrainState, dict], Metrics], state: TrainState
 def mean_affinity(state: TrainState) -> jax.Array:
     """The run-averaged affinity matrix (T, T): each entry's running sum over the steps that
     measured it / their count (NaN for a pair never measured: one of its tasks never had a
-    labelled example in a measuring batch).
+    labelled example in a measuring batch, or its values were never finite).
 
     ``Z[i, j]`` is the effect of a step on source task i onto target task j.
     """

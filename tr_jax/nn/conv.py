@@ -157,6 +157,7 @@ def resolve_lowering(lowering: str, x_shape: Sequence[int], kernel_shape: Sequen
     :data:`WINOGRAD_AUTO_DTYPES` get ``"winograd"``) as described in the module docstring.
     """
     _check_lowering(lowering, "lowering")
+    strides = as_pair("strides", strides)
     if lowering == "auto":
         lowering = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
         _check_lowering(lowering, ENV_VAR)

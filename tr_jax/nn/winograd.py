@@ -112,7 +112,7 @@ def winograd_conv(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
       x: (B, H, W, Cin).
       kernel: (3, 3, Cin, Cout).
       pads: explicit zero padding ((top, bottom), (left, right)); the padded map must be at
-        least 3x3 (:func:`tr_jax.nn.conv.conv2d` checks that for every lowering).
+        least 3x3.
 
     Returns:
       (B, H', W', Cout), H' = H + top + bottom - 2 (likewise W'), equal to
@@ -121,4 +121,8 @@ def winograd_conv(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
     if kernel.shape[:2] != (3, 3):
         raise ValueError(f"winograd_conv needs a 3x3 kernel; got {kernel.shape[:2]}.")
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    padded = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads)]
+    if min(padded) < 3:
+        raise ValueError(f"winograd_conv: the padded map {tuple(padded)} is smaller than the "
+                         "3x3 kernel; pad more, e.g. padding='SAME' in conv2d.")
     return _winograd_conv(x, kernel, pads)
