@@ -176,6 +176,11 @@ def test_split_sizes_and_task_names(prepared):
     assert ds.steps_per_epoch("train", 4, drop_remainder=False) == 2
     with pytest.raises(KeyError, match="validation"):
         ds.num_examples("validation")
+    # A TFDS slice as a split: its size is the slice's, and batches hold its examples.
+    half = cub.load_cub(data_dir, image_size=(16, 16), process_index=0, process_count=1,
+                        splits={"train": "train[:50%]"})
+    assert half.num_examples("train") == NUM_TRAIN // 2
+    assert sum(len(b["labels"]) for b in half.batches("train", 1)) == NUM_TRAIN // 2
 
 
 @pytest.mark.parametrize("policy", ["keep", "mask"])

@@ -41,6 +41,14 @@ def test_all_tasks_helper_equals_one_forward_per_task(model, shape):
         np.testing.assert_allclose(logits[:, t], apply(v, x, t), rtol=1e-5, atol=1e-5)
 
 
+def test_all_tasks_helper_rejects_an_empty_chunk():
+    model = models.SmallCNN(num_tasks=3, sharing=0.5)
+    x = jnp.zeros((1, 8, 8, 1))
+    v = model.init(KEYS, x, 0)
+    with pytest.raises(ValueError, match="chunk_size=0 must be >= 1"):
+        models.apply_all_tasks(model, v, x, chunk_size=0)
+
+
 def test_vgg11_has_eight_routed_convs_with_paper_widths():
     m = models.RoutedVGG(num_tasks=3, sharing=0.5)
     v = jax.eval_shape(lambda: m.init(KEYS, jnp.zeros((1, 32, 32, 3)), 0))

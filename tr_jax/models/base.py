@@ -105,6 +105,8 @@ def apply_all_tasks(model: MultiTaskModel, variables: dict, x: jax.Array, *,
     Returns:
       (logits (B, T, K), new batch_stats or None).
     """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (tasks per chunk) or None.")
     mutable = ["batch_stats"] if train and "batch_stats" in variables else False
 
     def forward(task):
