@@ -308,8 +308,10 @@ def markdown(summary: list[dict], info: dict) -> str:
         f"{info['hw']}x{info['hw']}, batch {info['batch']}, float32, SGD momentum; optimizer "
         "lookahead every step. Each (T, method) ran in its own process; `ratio` = median "
         "step time / median plain step time measured interleaved in that process (median "
-        "over rounds). At T >= 40 each process times one step of each, so a busy machine "
-        "moves that ratio a lot: `pooled` divides by the median of every plain sample at "
+        "over rounds). At T >= 40 each process times one step of each (after one untimed "
+        "step at T = 40; above 40 the timed step is the first execution, first-touch page "
+        "faults included), so a busy machine moves that ratio a lot: `pooled` divides by the "
+        "median of every plain sample at "
         "that T (n in the header row of each T) and the FLOP ratio (XLA's cost analysis) does "
         "not depend on load. Target: ratio <= 0.5 (1 + T) at T = 9, 40.", "",
         "| T | method | step ms | plain ms | ratio | pooled | 0.5(1+T) | GFLOP step "

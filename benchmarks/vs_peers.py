@@ -40,6 +40,9 @@ import results_io  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ANCHORS = REPO.parent / "shared" / "anchors"
 PEER_ENVS = pathlib.Path.home() / ".cache" / "anchors"
+# tag_tf.py's calls before timing its T = 40 cases, the tracing one included (its default, 1,
+# timed the first call after tracing); tr_jax's cases are compiled and run once beforehand.
+PEER_WARMUP_T40 = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +53,7 @@ class Row:
     framework: str                    # "torch" or "tf": which peer script measures it
     peer: dict                        # fields that select the peer script's result row
     build: Callable[[], Callable[[], None]]   # compiles the tr_jax case; returns one step
-    slow: bool = False                # TAG T=40: fewer timed steps
+    slow: bool = False                # TAG T=40: --slow-steps timed steps on both sides
 
 
 def _tr_rows(hw: int) -> tuple[Row, ...]:
@@ -73,7 +76,7 @@ def _tag_row(num_tasks: int, what: str) -> Row:
     label = "TAG plain step" if plain else "TAG step (lookahead affinity)"
     return Row(f"tag_{'plain' if plain else 'step'}_{num_tasks}", f"{label}, T={num_tasks}", "tf",
                {"T": num_tasks, "what": what}, lambda: jax_cases.tag(num_tasks, what),
-               slow=num_tasks > 9 and not plain)
+               slow=num_tasks > 9)  # tag_tf.py times both of its T = 40 cases that way
 
 
 ROWS = (*_tr_rows(32), *_tr_rows(64), _tag_row(9, "plain_step"), _tag_row(40, "plain_step"),
@@ -92,7 +95,7 @@ def peer_command(framework: str, rows: list[Row], args, out: str) -> list[str]:
     tasks = sorted({r.peer["T"] for r in rows})
     return [args.tf_python, str(args.anchors / "tag_tf.py"), "--tasks",
             ",".join(map(str, tasks)), "--steps", str(args.steps), "--steps-t40",
-            str(args.slow_steps), "--out", out]
+            str(args.slow_steps), "--warmup-t40", str(PEER_WARMUP_T40), "--out", out]
 
 
 def run_peer(framework: str, rows: list[Row], args) -> dict[str, float]:
@@ -144,7 +147,8 @@ def markdown(summary: list[dict], info: dict) -> str:
              f"({info['date']}, load average at the start {info['load_avg'][0]:.1f}). "
              "ms = median over rounds of each round's median step; ratio = median over "
              "rounds of tr_jax / peer measured in the same round. Target: ratio <= 1.0.", "",
-             "| case | peer | peer ms | tr_jax ms | tr_jax / peer | per round | tr_jax compile s |",
+             "| case | peer | peer ms | tr_jax ms | tr_jax / peer | per round "
+             "| tr_jax compile + 1st step s |",
              "|---|---|---|---|---|---|---|"]
     for s in summary:
         rounds = " ".join(f"{m / p:.2f}" for m, p in zip(s["jax_ms_rounds"], s["peer_ms_rounds"]))
@@ -214,9 +218,11 @@ def main(argv: list[str] | None = None) -> None:
                         "compile_s": compile_s[row.key], "peer_ms_rounds": peer,
                         "jax_ms_rounds": mine})
     info = {**results_io.machine_info(load_avg), "rounds": args.rounds, "steps": args.steps,
-            "slow_steps": args.slow_steps}
-    results_io.write_results("vs_peers", args.out, {"info": info, "summary": summary},
-                             markdown(summary, info))
+            "slow_steps": args.slow_steps, "peer_warmup_t40": PEER_WARMUP_T40}
+    # A run of some rows goes to vs_peers_partial_<ISA> unless --out says otherwise: it must
+    # not replace the full table.
+    results_io.write_results("vs_peers" if args.rows == "all" else "vs_peers_partial", args.out,
+                             {"info": info, "summary": summary}, markdown(summary, info))
 
 
 if __name__ == "__main__":
