@@ -300,12 +300,9 @@ def run_scale(config, workdir: str) -> dict:
     else:
         dataset = experiment.build_dataset(config)
     t = dataset.num_tasks
-    if config.mode != "per_example" or not config.balanced_tasks:
+    if not experiment.balanced_routing(config, t):
         raise ValueError("the scale driver routes per example with balanced task ids: set "
                          "config.mode='per_example' and config.balanced_tasks=True.")
-    if config.batch_size < t:
-        raise ValueError(f"batch_size={config.batch_size} < {t} tasks: a balanced batch cannot "
-                         "hold every task; raise config.batch_size.")
     steps_per_epoch = dataset.steps_per_epoch("train", config.batch_size)
     model = experiment.build_model(config, t)
     optimizer = experiment.build_optimizer(config, steps_per_epoch)

@@ -129,12 +129,18 @@ def affinity_options(config: ml_collections.ConfigDict, steps_per_epoch: int
     """
     if not config.get("affinity"):
         return {}
-    return {"affinity": config.affinity, "affinity_every": config.get("affinity_every", 1),
-            "affinity_mode": config.get("affinity_mode") or "all_tasks",
-            "lookahead": config.get("lookahead", "sgd"),
-            "lr": build_learning_rate(config, steps_per_epoch),
+    return {**_affinity_settings(config), "lr": build_learning_rate(config, steps_per_epoch),
             "strategy": config.get("strategy", "auto"),
             "affinity_chunk_size": config.get("affinity_chunk_size") or None}
+
+
+def _affinity_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What ``config.affinity`` measures and how often (defaults filled in); empty when off."""
+    if not config.get("affinity"):
+        return {}
+    return {"affinity": config.affinity, "affinity_every": config.get("affinity_every", 1),
+            "affinity_mode": config.get("affinity_mode") or "all_tasks",
+            "lookahead": config.get("lookahead", "sgd")}
 
 
 def training_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -151,11 +157,18 @@ def training_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         out["lr_decay"] = config.get("lr_decay", 0.5)
     if config.mode == "per_example":
         out["balanced_tasks"] = bool(config.get("balanced_tasks", False))
-    options = affinity_options(config, steps_per_epoch=1)
-    for key in ("affinity", "affinity_every", "affinity_mode", "lookahead"):
-        if key in options:
-            out[key] = options[key]
-    return out
+    return {**out, **_affinity_settings(config)}
+
+
+def balanced_routing(config: ml_collections.ConfigDict, num_tasks: int) -> bool:
+    """Whether the run deals per-example task ids (``config.balanced_tasks`` with
+    ``mode="per_example"``, :func:`balanced_tasks`); raises when a batch cannot hold every
+    task."""
+    balanced = config.mode == "per_example" and bool(config.get("balanced_tasks", False))
+    if balanced and config.batch_size < num_tasks:
+        raise ValueError(f"config.balanced_tasks needs config.batch_size >= {num_tasks} tasks "
+                         f"(every task in every batch); got {config.batch_size}.")
+    return balanced
 
 
 Step = Any  # (state, batch) -> outputs
@@ -258,10 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """
     dataset = build_dataset(config)
     t = dataset.num_tasks
-    balanced = config.mode == "per_example" and config.get("balanced_tasks", False)
-    if balanced and config.batch_size < t:
-        raise ValueError(f"config.balanced_tasks needs config.batch_size >= {t} tasks (every "
-                         f"task in every batch); got {config.batch_size}.")
+    balanced = balanced_routing(config, t)
     steps_per_epoch = dataset.steps_per_epoch("train", config.batch_size)
     model = build_model(config, t)
     optimizer = build_optimizer(config, steps_per_epoch)
