@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tr_jax.nn import conv as conv_lib
+from tr_jax.nn import winograd
 from tr_jax.nn.winograd import winograd_conv
 
 LOWERINGS = ("xla", "im2col", "winograd")
@@ -120,6 +121,44 @@ def test_forward_mode_and_nested_derivatives_match_flax(dtype, x64):
         np.testing.assert_allclose(got, want, rtol=rtol, err_msg=low)
 
 
+@pytest.mark.parametrize("pads", [((1, 1), (1, 1)), ((0, 0), (2, 1)), ((3, 0), (0, 2)),
+                                  ((0, 1), (1, 0))])
+def test_winograd_input_gradient_is_the_direct_convolutions_vjp(pads, x64):
+    """input_gradient (F(2x2, 3x3) with the flipped kernel) equals the VJP of the direct
+    convolution in x, odd map sizes and pads over 2 (cropped in the transposed convolution)
+    included, in float64."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 5, 4), jnp.float64)
+    k = jax.random.normal(jax.random.key(1), (3, 3, 4, 3), jnp.float64)
+    direct = functools.partial(conv_lib.conv2d, padding=pads, lowering="xla")
+    y, vjp = jax.vjp(lambda x: direct(x, k), x)
+    ct = jax.random.normal(jax.random.key(2), y.shape, jnp.float64)
+    np.testing.assert_allclose(winograd.input_gradient(ct, k, pads), vjp(ct)[0], rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_winograd_derivatives_under_vmap_and_reverse_over_reverse(x64):
+    """The winograd lowering's input gradient is written as a linear transpose inside its
+    custom JVP: per-task kernels under vmap, reverse-over-reverse and forward-over-reverse
+    derivatives equal the direct convolution's (float64)."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 4), jnp.float64)
+    kernels = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 2), jnp.float64)
+    pads = ((1, 1), (0, 2))
+
+    def derivatives(lowering):
+        loss = lambda x, k: jnp.sum(jnp.sin(conv_lib.conv2d(x, k, padding=pads,
+                                                             lowering=lowering)) ** 2)
+        per_task = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0))(x, kernels)
+        k = kernels[0]
+        rev_rev = jax.grad(lambda k: jnp.sum(jax.grad(loss)(x, k) ** 2))(k)
+        fwd_rev = jax.jvp(lambda x: jax.grad(loss, argnums=(0, 1))(x, k), (x,), (x,))[1]
+        return per_task, rev_rev, fwd_rev
+
+    want = jax.jit(lambda: derivatives("xla"))()
+    got = jax.jit(lambda: derivatives("winograd"))()
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
+
+
 def test_params_match_flax_conv():
     x = jnp.ones((1, 4, 4, 3))
     for use_bias in (True, False):
@@ -141,21 +180,23 @@ def test_vmapped_kernels_match_per_kernel_calls(lowering):
 
 
 def test_auto_picks_im2col_for_small_maps_on_cpu(monkeypatch):
+    """2x2 maps, and maps up to IM2COL_MAX_AREA that winograd does not compute."""
     monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
-    area = conv_lib.IM2COL_MAX_AREA
-    side = int(np.sqrt(area))
+    assert conv_lib.WINOGRAD_MIN_AREA > 4
     assert conv_lib.resolve_lowering("auto", (32, 2, 2, 512), (3, 3, 512, 512)) == "im2col"
-    assert conv_lib.resolve_lowering("auto", (32, side, side, 8), (3, 3, 8, 8)) == "im2col"
+    side = int(np.sqrt(conv_lib.IM2COL_MAX_AREA))
+    assert conv_lib.resolve_lowering("auto", (32, side, side, 8), (1, 1, 8, 8)) == "im2col"
     # the output map decides: a stride-2 conv on an 8x8 map has a 4x4 output
     assert conv_lib.resolve_lowering("auto", (32, 8, 8, 8), (3, 3, 8, 8), (2, 2)) == "im2col"
     assert conv_lib.resolve_lowering("auto", (32, 8, 8, 8), (3, 3, 8, 8), 2) == "im2col"
 
 
-def test_auto_picks_winograd_for_3x3_stride_1_on_mid_maps_on_cpu(monkeypatch):
+def test_auto_picks_winograd_for_3x3_stride_1_from_4x4_to_16x16_maps_on_cpu(monkeypatch):
     monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
+    assert conv_lib.WINOGRAD_MIN_AREA <= 16
     side = int(np.sqrt(conv_lib.WINOGRAD_MAX_AREA))
-    assert side * side > conv_lib.IM2COL_MAX_AREA
-    assert conv_lib.resolve_lowering("auto", (32, side, side, 8), (3, 3, 8, 8)) == "winograd"
+    for hw in (4, 8, side):
+        assert conv_lib.resolve_lowering("auto", (32, hw, hw, 8), (3, 3, 8, 8)) == "winograd"
     assert conv_lib.resolve_lowering("auto", (32, 2 * side, 2 * side, 8), (3, 3, 8, 8)) == "xla"
     assert conv_lib.resolve_lowering("auto", (32, side, side, 8), (1, 1, 8, 8)) == "xla"
     assert conv_lib.resolve_lowering("auto", (32, 2 * side, 2 * side, 8), (3, 3, 8, 8),
@@ -171,7 +212,9 @@ def test_auto_leaves_winograd_to_float32_and_float64(monkeypatch):
         assert conv_lib.resolve_lowering("auto", shape, kernel, dtype=dtype) == "winograd"
     for dtype in (jnp.bfloat16, jnp.float16):
         assert conv_lib.resolve_lowering("auto", shape, kernel, dtype=dtype) == "xla"
-        assert conv_lib.resolve_lowering("auto", (32, 2, 2, 8), kernel, dtype=dtype) == "im2col"
+        for hw in (2, 4):
+            assert conv_lib.resolve_lowering("auto", (32, hw, hw, 8), kernel,
+                                             dtype=dtype) == "im2col"
 
 
 def test_conv2d_auto_runs_xla_for_bfloat16_mid_maps(monkeypatch):

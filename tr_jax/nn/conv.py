@@ -16,16 +16,18 @@ Three lowerings compute the same convolution (equal up to float rounding):
   input-gradient alike. Autodiff of the product gives matrix products for both gradients,
   and ``vmap`` over a per-task kernel gives a batched product instead of a grouped
   convolution.
-* ``"winograd"`` -- 3x3 stride-1 convolutions only: the value by Winograd's F(2x2, 3x3)
-  (:mod:`tr_jax.nn.winograd`), 2.25x fewer multiplications, its derivatives by the same
-  direct convolutions as ``"xla"``. On XLA:CPU its forward is 25-40 % faster than ``"xla"`` on
-  8x8 maps with 128-512 channels (VGG-11's third and fourth blocks) and 10-15 % on 16x16 maps.
+* ``"winograd"`` -- 3x3 stride-1 convolutions only: the value and the input gradient by
+  Winograd's F(2x2, 3x3) (:mod:`tr_jax.nn.winograd`), 2.25x fewer multiplications, the kernel
+  gradient by the same direct convolution as ``"xla"``. On XLA:CPU, value and both gradients
+  are 10-30 % faster than ``"xla"`` and ``"im2col"`` on the 4x4 to 16x16 maps of VGG-11 with
+  128-512 channels.
 
 ``lowering="auto"`` (the default) picks per call, at trace time: ``"xla"`` off CPU; on CPU
-``"im2col"`` when the output map has at most :data:`IM2COL_MAX_AREA` positions, else
-``"winograd"`` for a float32 or float64 3x3 stride-1 convolution whose output map has at most
-:data:`WINOGRAD_MAX_AREA` positions, else ``"xla"`` (bfloat16 and float16 too, see
-:data:`WINOGRAD_AUTO_DTYPES`). Override it per layer
+``"winograd"`` for a float32 or float64 3x3 stride-1 convolution whose output map has
+:data:`WINOGRAD_MIN_AREA` to :data:`WINOGRAD_MAX_AREA` positions (4x4 to 16x16), else
+``"im2col"`` when the output map has at most :data:`IM2COL_MAX_AREA` positions (2x2 maps, and
+4x4 maps of other kernels, strides or dtypes), else ``"xla"`` (bfloat16 and float16 never get
+``"winograd"``, see :data:`WINOGRAD_AUTO_DTYPES`). Override it per layer
 (``Conv(lowering=...)``, ``conv2d(lowering=...)``) or for the whole process with the
 environment variable ``TR_JAX_CONV_LOWERING`` (``auto``, ``xla``, ``im2col`` or ``winograd``;
 ``winograd`` applies to 3x3 stride-1 layers, the others keep ``auto``), which applies where a
@@ -49,19 +51,18 @@ from tr_jax.nn.winograd import winograd_conv
 Lowering = Literal["auto", "xla", "im2col", "winograd"]
 LOWERINGS = ("auto", "xla", "im2col", "winograd")
 ENV_VAR = "TR_JAX_CONV_LOWERING"
-# On CPU, "auto" uses im2col when the output map has at most this many positions (H' * W').
-# Measured on XLA:CPU with its Eigen convolutions (cpu_runtime.configure; 2 cores, AVX2,
-# float32, batch 32, forward + both gradients, xla / im2col / winograd ms): 2x2 512->512
-# 704 / 14 / 363; 4x4 512->512 50 / 51 / 46 (a tie); 8x8 512->512 188 / 211 / 166.
-IM2COL_MAX_AREA = 16
-# Above that, up to this many output positions, "auto" uses "winograd" for 3x3 stride-1 convs.
-# Forward, float32, batch 32, AVX-512 (xla vs winograd): 8x8 maps 128->256 11.8 vs 7.3 ms,
-# 256->256 23.8 vs 14.1, 512->512 100.9 vs 80.1; 16x16 maps 64->128 11.4 vs 8.6, 128->256
-# 50.7 vs 52.3, 256->256 99.7 vs 85.5. With the gradients, AVX2, Eigen convolutions
-# (benchmarks/conv_lowering.py, two runs): 16x16 -8 to -14 %; 32x32 a tie (VGG's 64->128
-# -7 % and +6 %, TAG's 64->64 at batch 64 +2 % and 0 %), so 32x32 maps stay "xla". The
-# routed VGG-11 eval step at 64x64 input went from 270 to 228 ms (train steps: within noise).
+# On CPU, "auto" uses "winograd" for float32 / float64 3x3 stride-1 convolutions whose output
+# map has WINOGRAD_MIN_AREA to WINOGRAD_MAX_AREA positions (H' * W'), else "im2col" up to
+# IM2COL_MAX_AREA positions, else "xla". Measured on XLA:CPU with its Eigen convolutions
+# (cpu_runtime.configure; 2 cores, AVX2, float32, batch 32, forward + both gradients,
+# xla / im2col / winograd ms; benchmarks/conv_lowering.py): 2x2 512->512 743 / 18 / 21;
+# 4x4 256->512 39 / 32 / 29, 512->512 60 / 60 / 43; 8x8 256->256 53 / - / 38, 512->512
+# 211 / - / 151; 16x16 256->256 215 / - / 169; 32x32 maps a tie (VGG's 64->128 110 vs 116,
+# TAG's 64->64 at batch 64 120 vs 120). Forward only, AVX-512 (xla vs winograd): 8x8 maps
+# 128->256 11.8 vs 7.3 ms, 512->512 100.9 vs 80.1; 16x16 256->256 99.7 vs 85.5.
+WINOGRAD_MIN_AREA = 5
 WINOGRAD_MAX_AREA = 256
+IM2COL_MAX_AREA = 16
 # "auto" uses "winograd" only for these input dtypes: in bfloat16 its rounding error is ~3x the
 # direct convolution's (relative error 8.5e-3 vs 3e-3 on XLA:CPU).
 WINOGRAD_AUTO_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
@@ -169,12 +170,11 @@ def resolve_lowering(lowering: str, x_shape: Sequence[int], kernel_shape: Sequen
         return "xla"
     pads = explicit_padding(padding, x_shape[1:3], kernel_shape[:2], strides)
     ho, wo = output_hw(x_shape[1:3], kernel_shape[:2], strides, pads)
-    if ho * wo <= IM2COL_MAX_AREA:
-        return "im2col"
-    if (ho * wo <= WINOGRAD_MAX_AREA and winograd_applies(kernel_shape, strides)
+    if (WINOGRAD_MIN_AREA <= ho * wo <= WINOGRAD_MAX_AREA
+            and winograd_applies(kernel_shape, strides)
             and jnp.dtype(dtype) in WINOGRAD_AUTO_DTYPES):
         return "winograd"
-    return "xla"
+    return "im2col" if ho * wo <= IM2COL_MAX_AREA else "xla"
 
 
 def im2col_conv(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1),

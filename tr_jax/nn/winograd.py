@@ -1,21 +1,27 @@
-"""3x3 stride-1 convolution with a Winograd F(2x2, 3x3) forward and direct-convolution
-derivatives.
+"""3x3 stride-1 convolution by Winograd's F(2x2, 3x3): the value and the input gradient, with
+a direct-convolution kernel gradient.
 
 The output is computed in 2x2 tiles, each from a 4x4 input tile:
 ``Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`` (Lavin & Gray, "Fast Algorithms for Convolutional Neural
 Networks", 2016). The transforms are additions and halvings; the products become 16 independent
 (tiles, Cin) x (Cin, Cout) matrix products: 16 multiply-adds per 2x2 output tile and channel pair
-instead of 36. On XLA:CPU this forward is 25-40 % faster than ``lax.conv_general_dilated`` on
-8x8 maps (the VGG layers with 128-512 channels), but autodiff *of* the transforms is slower than
-XLA's own convolution derivatives. So :func:`winograd_conv` is a ``custom_jvp`` function: the
-value comes from F(2x2, 3x3), the tangent from direct convolutions
-``conv(dx, k) + conv(x, dk)``. Reverse mode transposes those into exactly the input- and
-weight-gradient convolutions that plain autodiff of ``lax.conv_general_dilated`` runs;
-forward mode, ``vmap`` and nested derivatives work as for any JAX function.
+instead of 36.
 
-Values equal the direct convolution up to float rounding (about 1e-6 relative in float32, a
-few times the direct convolution's own rounding; the transform constants are exact in binary).
-Measurements: ``benchmarks/results/perf_notes.md``.
+:func:`winograd_conv` is a ``custom_jvp`` function whose tangent is ``L(dx) + conv(x, dk)``:
+
+* ``conv(x, dk)`` is a direct convolution, which reverse mode transposes into XLA's own
+  weight-gradient convolution (autodiff *through* the transforms was slower there).
+* ``L`` is the input part of the derivative, written as the linear transpose
+  (``jax.linear_transpose``) of another F(2x2, 3x3) convolution: the output cotangent
+  convolved with the spatially flipped kernel, input and output channels swapped
+  (:func:`input_gradient`). Reverse mode transposes ``L`` back into that Winograd
+  convolution, so the input gradient costs what the forward costs.
+
+Forward mode evaluates ``L`` itself (the transposed transforms), a few per cent slower than
+the direct convolution it replaced; ``vmap`` and nested derivatives work as for any JAX
+function. Values and derivatives equal the direct convolution's up to float rounding (about
+1e-6 relative in float32, a few times the direct convolution's own rounding; the transform
+constants are exact in binary). Measurements: ``benchmarks/results/perf_notes.md``.
 """
 from __future__ import annotations
 
@@ -52,6 +58,38 @@ def _strided_taps(a: jax.Array, axis: int, count: int) -> list[jax.Array]:
     return [lax.slice_in_dim(a, k, k + 2 * (count - 1) + 1, 2, axis) for k in range(4)]
 
 
+def kernel_transform(kernel: jax.Array, flip: bool = False) -> jax.Array:
+    """G g Gᵀ for every channel pair: (3, 3, Cin, Cout) -> (16, Cin, Cout), tile entry
+    (a, c) at index 4 a + c; with ``flip``, of the kernel reversed in both spatial axes."""
+    taps = (2, 1, 0) if flip else (0, 1, 2)
+    g_rows = [_combine([kernel[i] for i in taps], _G[a]) for a in range(4)]
+    return jnp.stack([_combine([g[j] for j in taps], _G[c]) for g in g_rows for c in range(4)])
+
+
+def _tiled_conv(x: jax.Array, u: jax.Array, pads: Pads, u_in_axis: int) -> jax.Array:
+    """F(2x2, 3x3) of ``x`` (B, H, W, Cin) with a transformed kernel ``u`` (16, ., .) whose
+    input-channel axis is ``u_in_axis`` (1 or 2; the other is Cout). ``pads`` may be negative
+    (cropping). Returns (B, H', W', Cout), H' = H + top + bottom - 2 (likewise W')."""
+    b, h, w, cin = x.shape
+    cout = u.shape[3 - u_in_axis]
+    ho, wo = h + sum(pads[0]) - 2, w + sum(pads[1]) - 2
+    th, tw = -(-ho // 2), -(-wo // 2)  # output tiles; an odd side computes one extra row
+    xp = lax.pad(x, jnp.zeros((), x.dtype),
+                 ((0, 0, 0), (pads[0][0], pads[0][1] + 2 * th - ho, 0),
+                  (pads[1][0], pads[1][1] + 2 * tw - wo, 0), (0, 0, 0)))
+    # Input transform Bᵀ d B, rows then columns: 16 arrays (B, th, tw, Cin).
+    rows = [_combine(_strided_taps(xp, 1, th), _BT[a]) for a in range(4)]
+    v = [_combine(_strided_taps(r, 2, tw), _BT[c]) for r in rows for c in range(4)]
+    v = jnp.stack(v).reshape(16, b * th * tw, cin)
+    m = lax.dot_general(v, u, (((2,), (u_in_axis,)), ((0,), (0,))))
+    m = m.reshape(4, 4, b, th, tw, cout)
+    # Output transform Aᵀ m A: the 2x2 outputs of every tile, interleaved back into the map.
+    cols = [[_combine([m[a, c] for c in range(4)], _AT[s]) for s in range(2)] for a in range(4)]
+    y = jnp.stack([jnp.stack([_combine([cols[a][s] for a in range(4)], _AT[r])
+                              for s in range(2)], axis=3) for r in range(2)], axis=2)
+    return y.reshape(b, 2 * th, 2 * tw, cout)[:, :ho, :wo]
+
+
 def winograd_forward(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
     """The F(2x2, 3x3) computation (plain JAX; see :func:`winograd_conv` for the public one).
 
@@ -63,26 +101,27 @@ def winograd_forward(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
     Returns:
       (B, H', W', Cout) with H' = H + top + bottom - 2, W' likewise.
     """
-    b, h, w, cin = x.shape
-    cout = kernel.shape[-1]
-    ho, wo = h + sum(pads[0]) - 2, w + sum(pads[1]) - 2
-    th, tw = -(-ho // 2), -(-wo // 2)  # output tiles; an odd side computes one extra row
-    xp = lax.pad(x, jnp.zeros((), x.dtype),
-                 ((0, 0, 0), (pads[0][0], pads[0][1] + 2 * th - ho, 0),
-                  (pads[1][0], pads[1][1] + 2 * tw - wo, 0), (0, 0, 0)))
-    # Input transform Bᵀ d B, rows then columns: 16 arrays (B, th, tw, Cin).
-    rows = [_combine(_strided_taps(xp, 1, th), _BT[a]) for a in range(4)]
-    v = [_combine(_strided_taps(r, 2, tw), _BT[c]) for r in rows for c in range(4)]
-    v = jnp.stack(v).reshape(16, b * th * tw, cin)
-    # Kernel transform G g Gᵀ: (16, Cin, Cout).
-    g_rows = [_combine([kernel[i] for i in range(3)], _G[a]) for a in range(4)]
-    u = jnp.stack([_combine([g[j] for j in range(3)], _G[c]) for g in g_rows for c in range(4)])
-    m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,)))).reshape(4, 4, b, th, tw, cout)
-    # Output transform Aᵀ m A: the 2x2 outputs of every tile, interleaved back into the map.
-    cols = [[_combine([m[a, c] for c in range(4)], _AT[s]) for s in range(2)] for a in range(4)]
-    y = jnp.stack([jnp.stack([_combine([cols[a][s] for a in range(4)], _AT[r])
-                              for s in range(2)], axis=3) for r in range(2)], axis=2)
-    return y.reshape(b, 2 * th, 2 * tw, cout)[:, :ho, :wo]
+    return _tiled_conv(x, kernel_transform(kernel), pads, u_in_axis=1)
+
+
+def input_gradient(cotangent: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
+    """The gradient of ``sum(conv(x, kernel) * cotangent)`` in ``x``, by F(2x2, 3x3).
+
+    It is the convolution of the cotangent with the kernel flipped in space and with its
+    channel axes swapped, padded ``(2 - lo, 2 - hi)`` on each axis (negative: cropped).
+
+    Args:
+      cotangent: (B, H', W', Cout), the convolution's output shape.
+      kernel: (3, 3, Cin, Cout).
+      pads: the forward convolution's padding ((top, bottom), (left, right)).
+
+    Returns:
+      (B, H, W, Cin).
+    """
+    # The channel swap is the products' contraction axis: transposing the kernel itself
+    # (fused into its transform) made XLA:CPU's products 2-5x slower.
+    return _tiled_conv(cotangent, kernel_transform(kernel, flip=True),
+                       tuple((2 - lo, 2 - hi) for lo, hi in pads), u_in_axis=2)
 
 
 def _direct(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
@@ -97,8 +136,13 @@ def _winograd_conv(x, kernel, pads):
 def _winograd_conv_jvp(pads, primals, tangents):
     (x, kernel), (dx, dk) = primals, tangents
     y = _winograd_conv(x, kernel, pads)
-    terms = [_direct(a, b, pads) for a, b, t in ((dx, kernel, dx), (x, dk, dk))
-             if not isinstance(t, SymbolicZero)]
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        # The transpose of input_gradient: reverse mode turns it back into input_gradient.
+        to_input = functools.partial(input_gradient, kernel=kernel, pads=pads)
+        terms.append(jax.linear_transpose(to_input, jax.ShapeDtypeStruct(y.shape, y.dtype))(dx)[0])
+    if not isinstance(dk, SymbolicZero):
+        terms.append(_direct(x, dk, pads))
     return y, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
 
 
@@ -106,7 +150,8 @@ _winograd_conv.defjvp(_winograd_conv_jvp, symbolic_zeros=True)
 
 
 def winograd_conv(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
-    """3x3 stride-1 NHWC / HWIO convolution: F(2x2, 3x3) value, direct-convolution derivatives.
+    """3x3 stride-1 NHWC / HWIO convolution: F(2x2, 3x3) value and input gradient, direct
+    kernel gradient (see the module docstring).
 
     Args:
       x: (B, H, W, Cin).
