@@ -1,7 +1,7 @@
 """Which convolution lowering is fastest for each 3x3 layer of the benchmarked networks.
 
 ``tr_jax.nn.conv2d(lowering="auto")`` picks ``"im2col"``, ``"winograd"`` or ``"xla"`` by the
-output map's area (``WINOGRAD_MIN_AREA``, ``WINOGRAD_MAX_AREA``, ``IM2COL_MAX_AREA`` in
+output map's size (``WINOGRAD_MIN_SIDE``, ``WINOGRAD_MAX_AREA``, ``IM2COL_MAX_AREA`` in
 ``tr_jax/nn/conv.py``). The
 best thresholds depend on the CPU's vector ISA (the peers' and XLA's kernels differ between
 AVX2 and AVX-512), so this times every lowering on every layer shape of routed VGG-11-BN
@@ -78,9 +78,10 @@ def markdown(rows: list[dict], info: dict) -> str:
     lines = ["# Convolution lowering per layer (benchmarks/conv_lowering.py)", "",
              f"{info['machine']}; jax {info['jax']}; value + both gradients, median of "
              f"{info['reps']} interleaved rounds, ms ({info['date']}, load average at the start "
-             f"{info['load_avg'][0]:.1f}). Thresholds: winograd for 3x3 stride-1 layers with "
-             f"{info['winograd_min_area']} to {info['winograd_max_area']} output positions, "
-             f"else im2col up to {info['im2col_max_area']}.", "",
+             f"{info['load_avg'][0]:.1f}). Thresholds: winograd for 3x3 stride-1 layers whose output "
+             f"map is at least {info['winograd_min_side']} on both sides with at most "
+             f"{info['winograd_max_area']} positions, else im2col up to "
+             f"{info['im2col_max_area']}.", "",
              "| layer (batch, map, Cin->Cout) | in | xla | im2col | winograd | auto picks | "
              "auto / fastest |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = measure(args.reps)
     info = {**results_io.machine_info(load_avg), "reps": args.reps,
             "im2col_max_area": conv.IM2COL_MAX_AREA,
-            "winograd_min_area": conv.WINOGRAD_MIN_AREA,
+            "winograd_min_side": conv.WINOGRAD_MIN_SIDE,
             "winograd_max_area": conv.WINOGRAD_MAX_AREA}
     results_io.write_results("conv_lowering", args.out, {"info": info, "rows": rows},
                              markdown(rows, info))

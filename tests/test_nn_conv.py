@@ -121,13 +121,15 @@ def test_forward_mode_and_nested_derivatives_match_flax(dtype, x64):
         np.testing.assert_allclose(got, want, rtol=rtol, err_msg=low)
 
 
-@pytest.mark.parametrize("pads", [((1, 1), (1, 1)), ((0, 0), (2, 1)), ((3, 0), (0, 2)),
-                                  ((0, 1), (1, 0))])
-def test_winograd_input_gradient_is_the_direct_convolutions_vjp(pads, x64):
+@pytest.mark.parametrize("hw, pads", [
+    ((6, 5), ((1, 1), (1, 1))), ((6, 5), ((0, 0), (2, 1))), ((6, 5), ((3, 0), (0, 2))),
+    ((6, 5), ((0, 1), (1, 0))), ((6, 5), ((0, 3), (1, 4))), ((6, 5), ((-1, 2), (1, -1))),
+    ((3, 3), ((0, 0), (0, 0))), ((1, 1), ((1, 1), (1, 1)))])
+def test_winograd_input_gradient_is_the_direct_convolutions_vjp(hw, pads, x64):
     """input_gradient (F(2x2, 3x3) with the flipped kernel) equals the VJP of the direct
-    convolution in x, odd map sizes and pads over 2 (cropped in the transposed convolution)
-    included, in float64."""
-    x = jax.random.normal(jax.random.key(0), (2, 6, 5, 4), jnp.float64)
+    convolution in x, in float64: odd map sizes, a 1x1 output, pads over 2 (cropped in the
+    transposed convolution) and negative pads included."""
+    x = jax.random.normal(jax.random.key(0), (2, *hw, 4), jnp.float64)
     k = jax.random.normal(jax.random.key(1), (3, 3, 4, 3), jnp.float64)
     direct = functools.partial(conv_lib.conv2d, padding=pads, lowering="xla")
     y, vjp = jax.vjp(lambda x: direct(x, k), x)
@@ -136,22 +138,28 @@ def test_winograd_input_gradient_is_the_direct_convolutions_vjp(pads, x64):
                                atol=1e-12)
 
 
-def test_winograd_derivatives_under_vmap_and_reverse_over_reverse(x64):
+def test_winograd_derivatives_under_vmap_and_nesting(x64):
     """The winograd lowering's input gradient is written as a linear transpose inside its
-    custom JVP: per-task kernels under vmap, reverse-over-reverse and forward-over-reverse
-    derivatives equal the direct convolution's (float64)."""
-    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 4), jnp.float64)
-    kernels = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 2), jnp.float64)
+    custom JVP: under vmap over kernels, inputs or both, reverse-over-reverse,
+    forward-over-reverse and forward-over-forward along the input (which evaluates that
+    transpose), derivatives equal the direct convolution's (float64)."""
+    xs = jax.random.normal(jax.random.key(0), (2, 2, 5, 6, 4), jnp.float64)
+    kernels = jax.random.normal(jax.random.key(1), (2, 3, 3, 4, 2), jnp.float64)
     pads = ((1, 1), (0, 2))
 
     def derivatives(lowering):
         loss = lambda x, k: jnp.sum(jnp.sin(conv_lib.conv2d(x, k, padding=pads,
                                                              lowering=lowering)) ** 2)
-        per_task = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0))(x, kernels)
-        k = kernels[0]
-        rev_rev = jax.grad(lambda k: jnp.sum(jax.grad(loss)(x, k) ** 2))(k)
-        fwd_rev = jax.jvp(lambda x: jax.grad(loss, argnums=(0, 1))(x, k), (x,), (x,))[1]
-        return per_task, rev_rev, fwd_rev
+        grads = jax.grad(loss, argnums=(0, 1))
+        x, k = xs[0], kernels[0]
+        per_kernel = jax.vmap(grads, in_axes=(None, 0))(x, kernels)
+        per_input = jax.vmap(grads, in_axes=(0, None))(xs, k)
+        per_pair = jax.vmap(grads)(xs, kernels)
+        rev_rev = jax.grad(lambda k: jnp.sum(grads(x, k)[0] ** 2))(k)
+        fwd_rev = jax.jvp(lambda x: grads(x, k), (x,), (xs[1],))[1]
+        fwd_fwd = jax.jvp(lambda x: jax.jvp(loss, (x, k), (xs[1], kernels[1]))[1],
+                          (x,), (xs[1],))[1]
+        return per_kernel, per_input, per_pair, rev_rev, fwd_rev, fwd_fwd
 
     want = jax.jit(lambda: derivatives("xla"))()
     got = jax.jit(lambda: derivatives("winograd"))()
@@ -180,10 +188,11 @@ def test_vmapped_kernels_match_per_kernel_calls(lowering):
 
 
 def test_auto_picks_im2col_for_small_maps_on_cpu(monkeypatch):
-    """2x2 maps, and maps up to IM2COL_MAX_AREA that winograd does not compute."""
+    """2x2 and 3x3 maps, thin maps, and maps up to IM2COL_MAX_AREA that winograd does not
+    compute."""
     monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
-    assert conv_lib.WINOGRAD_MIN_AREA > 4
-    assert conv_lib.resolve_lowering("auto", (32, 2, 2, 512), (3, 3, 512, 512)) == "im2col"
+    for hw in ((2, 2), (3, 3), (3, 5), (1, 16)):
+        assert conv_lib.resolve_lowering("auto", (32, *hw, 8), (3, 3, 8, 8)) == "im2col", hw
     side = int(np.sqrt(conv_lib.IM2COL_MAX_AREA))
     assert conv_lib.resolve_lowering("auto", (32, side, side, 8), (1, 1, 8, 8)) == "im2col"
     # the output map decides: a stride-2 conv on an 8x8 map has a 4x4 output
@@ -193,10 +202,10 @@ def test_auto_picks_im2col_for_small_maps_on_cpu(monkeypatch):
 
 def test_auto_picks_winograd_for_3x3_stride_1_from_4x4_to_16x16_maps_on_cpu(monkeypatch):
     monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
-    assert conv_lib.WINOGRAD_MIN_AREA <= 16
     side = int(np.sqrt(conv_lib.WINOGRAD_MAX_AREA))
-    for hw in (4, 8, side):
-        assert conv_lib.resolve_lowering("auto", (32, hw, hw, 8), (3, 3, 8, 8)) == "winograd"
+    for hw in ((4, 4), (4, 5), (8, 8), (side, side), (4, conv_lib.WINOGRAD_MAX_AREA // 4)):
+        assert conv_lib.resolve_lowering("auto", (32, *hw, 8), (3, 3, 8, 8)) == "winograd", hw
+    assert conv_lib.resolve_lowering("auto", (32, 2, 20, 8), (3, 3, 8, 8)) == "xla"
     assert conv_lib.resolve_lowering("auto", (32, 2 * side, 2 * side, 8), (3, 3, 8, 8)) == "xla"
     assert conv_lib.resolve_lowering("auto", (32, side, side, 8), (1, 1, 8, 8)) == "xla"
     assert conv_lib.resolve_lowering("auto", (32, 2 * side, 2 * side, 8), (3, 3, 8, 8),
@@ -255,6 +264,8 @@ def test_bad_arguments_raise_clear_errors():
         conv_lib.conv2d(x, k, lowering="cudnn")
     with pytest.raises(ValueError, match="matching Cin"):
         conv_lib.conv2d(x, jnp.ones((3, 3, 5, 2)))
+    with pytest.raises(ValueError, match="one dtype; got bfloat16 and float32"):
+        conv_lib.conv2d(x.astype(jnp.bfloat16), k, lowering="winograd")
     with pytest.raises(ValueError, match="does not fit"):
         conv_lib.im2col_conv(jnp.ones((1, 2, 2, 3)), jnp.ones((5, 5, 3, 2)), padding="VALID")
     with pytest.raises(ValueError, match="3x3 stride-1"):

@@ -113,7 +113,7 @@ def test_batch_norm_low_precision_dtype_like_flax():
 
 def test_fast_layers_train_like_plain_flax(x64, monkeypatch):
     """Routed VGG-11-BN at 16x16 input: 3x3 convs on 16..1-pixel maps ("auto": winograd on
-    16x16 and 8x8, im2col below) and 2x2 max-pools, against plain flax layers with "xla".
+    16x16 to 4x4, im2col below) and 2x2 max-pools, against plain flax layers with "xla".
     (The TAG encoder's 3x3/2 pool is covered by tests/test_nn_pool.py.)"""
     rng = np.random.default_rng(0)
     num_tasks = 3

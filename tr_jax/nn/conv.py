@@ -18,16 +18,16 @@ Three lowerings compute the same convolution (equal up to float rounding):
   convolution.
 * ``"winograd"`` -- 3x3 stride-1 convolutions only: the value and the input gradient by
   Winograd's F(2x2, 3x3) (:mod:`tr_jax.nn.winograd`), 2.25x fewer multiplications, the kernel
-  gradient by the same direct convolution as ``"xla"``. On XLA:CPU, value and both gradients
-  are 10-30 % faster than ``"xla"`` and ``"im2col"`` on the 4x4 to 16x16 maps of VGG-11 with
-  128-512 channels.
+  gradient by the same direct convolution as ``"xla"``. On XLA:CPU (AVX2), value and both
+  gradients are 13-27 % faster than ``"xla"`` on VGG-11's 4x4 to 16x16 layers (two runs of
+  ``benchmarks/conv_lowering.py``; one tie, on the 16x16 64->128 layer).
 
 ``lowering="auto"`` (the default) picks per call, at trace time: ``"xla"`` off CPU; on CPU
-``"winograd"`` for a float32 or float64 3x3 stride-1 convolution whose output map has
-:data:`WINOGRAD_MIN_AREA` to :data:`WINOGRAD_MAX_AREA` positions (4x4 to 16x16), else
-``"im2col"`` when the output map has at most :data:`IM2COL_MAX_AREA` positions (2x2 maps, and
-4x4 maps of other kernels, strides or dtypes), else ``"xla"`` (bfloat16 and float16 never get
-``"winograd"``, see :data:`WINOGRAD_AUTO_DTYPES`). Override it per layer
+``"winograd"`` for a float32 or float64 3x3 stride-1 convolution whose output map is at least
+:data:`WINOGRAD_MIN_SIDE` on both sides with at most :data:`WINOGRAD_MAX_AREA` positions (4x4
+to 16x16), else ``"im2col"`` when the output map has at most :data:`IM2COL_MAX_AREA` positions
+(2x2 and 3x3 maps, and 4x4 maps of other kernels, strides or dtypes), else ``"xla"`` (bfloat16
+and float16 never get ``"winograd"``, see :data:`WINOGRAD_AUTO_DTYPES`). Override it per layer
 (``Conv(lowering=...)``, ``conv2d(lowering=...)``) or for the whole process with the
 environment variable ``TR_JAX_CONV_LOWERING`` (``auto``, ``xla``, ``im2col`` or ``winograd``;
 ``winograd`` applies to 3x3 stride-1 layers, the others keep ``auto``), which applies where a
@@ -52,15 +52,18 @@ Lowering = Literal["auto", "xla", "im2col", "winograd"]
 LOWERINGS = ("auto", "xla", "im2col", "winograd")
 ENV_VAR = "TR_JAX_CONV_LOWERING"
 # On CPU, "auto" uses "winograd" for float32 / float64 3x3 stride-1 convolutions whose output
-# map has WINOGRAD_MIN_AREA to WINOGRAD_MAX_AREA positions (H' * W'), else "im2col" up to
-# IM2COL_MAX_AREA positions, else "xla". Measured on XLA:CPU with its Eigen convolutions
-# (cpu_runtime.configure; 2 cores, AVX2, float32, batch 32, forward + both gradients,
-# xla / im2col / winograd ms; benchmarks/conv_lowering.py): 2x2 512->512 743 / 18 / 21;
-# 4x4 256->512 39 / 32 / 29, 512->512 60 / 60 / 43; 8x8 256->256 53 / - / 38, 512->512
-# 211 / - / 151; 16x16 256->256 215 / - / 169; 32x32 maps a tie (VGG's 64->128 110 vs 116,
-# TAG's 64->64 at batch 64 120 vs 120). Forward only, AVX-512 (xla vs winograd): 8x8 maps
-# 128->256 11.8 vs 7.3 ms, 512->512 100.9 vs 80.1; 16x16 256->256 99.7 vs 85.5.
-WINOGRAD_MIN_AREA = 5
+# map is at least WINOGRAD_MIN_SIDE on both sides and has at most WINOGRAD_MAX_AREA positions
+# (H' * W'), else "im2col" up to IM2COL_MAX_AREA positions, else "xla". Measured on XLA:CPU
+# with its Eigen convolutions (cpu_runtime.configure; 2 cores, AVX2, float32, batch 32,
+# forward + both gradients, xla / im2col / winograd ms, benchmarks/results/
+# conv_lowering_avx2.md): 2x2 512->512 708 / 14 / 17; 4x4 256->512 27 / 26 / 21, 512->512
+# 53 / 52 / 42; 8x8 256->256 48 / 55 / 38; 16x16 256->256 189 / 235 / 143. On 32x32 maps the
+# layers alone were mixed (-7 % to +4 % with winograd) and whole steps slower (TAG plain step
+# 348 vs 387 ms, VGG train at 64x64 821 vs 854; perf_notes.md section 10): they stay "xla".
+# Smaller sides waste F(2x2, 3x3)'s tiles (a 3x3 output computes 4x4). Only measured on AVX2
+# for 4x4 maps: on the AVX-512 VM, Winograd's forward lost to im2col there (33.3 vs 26.1 ms on
+# 4x4 512->512, before its input gradient was Winograd too); run conv_lowering.py there.
+WINOGRAD_MIN_SIDE = 4
 WINOGRAD_MAX_AREA = 256
 IM2COL_MAX_AREA = 16
 # "auto" uses "winograd" only for these input dtypes: in bfloat16 its rounding error is ~3x the
@@ -170,7 +173,7 @@ def resolve_lowering(lowering: str, x_shape: Sequence[int], kernel_shape: Sequen
         return "xla"
     pads = explicit_padding(padding, x_shape[1:3], kernel_shape[:2], strides)
     ho, wo = output_hw(x_shape[1:3], kernel_shape[:2], strides, pads)
-    if (WINOGRAD_MIN_AREA <= ho * wo <= WINOGRAD_MAX_AREA
+    if (min(ho, wo) >= WINOGRAD_MIN_SIDE and ho * wo <= WINOGRAD_MAX_AREA
             and winograd_applies(kernel_shape, strides)
             and jnp.dtype(dtype) in WINOGRAD_AUTO_DTYPES):
         return "winograd"
@@ -220,12 +223,15 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1
       (B, H', W', Cout).
 
     Raises:
-      ValueError: on mismatched shapes, malformed strides or padding, or a kernel that does
-        not fit the padded input (an empty output), whichever the lowering.
+      ValueError: on mismatched shapes or dtypes, malformed strides or padding, or a kernel
+        that does not fit the padded input (an empty output), whichever the lowering.
     """
     if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
         raise ValueError(f"conv2d expects x (B, H, W, Cin) and kernel (kh, kw, Cin, Cout) with "
                          f"matching Cin; got x {x.shape} and kernel {kernel.shape}.")
+    if x.dtype != kernel.dtype:
+        raise ValueError(f"conv2d expects x and kernel of one dtype; got {x.dtype} and "
+                         f"{kernel.dtype}. Cast one of them (Conv promotes both to its dtype).")
     strides = as_pair("strides", strides)
     pads = explicit_padding(padding, x.shape[1:3], kernel.shape[:2], strides)
     checked_output_hw(x.shape[1:3], kernel.shape[:2], strides, pads)

@@ -17,11 +17,14 @@ instead of 36.
   (:func:`input_gradient`). Reverse mode transposes ``L`` back into that Winograd
   convolution, so the input gradient costs what the forward costs.
 
-Forward mode evaluates ``L`` itself (the transposed transforms), a few per cent slower than
-the direct convolution it replaced; ``vmap`` and nested derivatives work as for any JAX
-function. Values and derivatives equal the direct convolution's up to float rounding (about
-1e-6 relative in float32, a few times the direct convolution's own rounding; the transform
-constants are exact in binary). Measurements: ``benchmarks/results/perf_notes.md``.
+Forward mode evaluates ``L`` itself (the transposed transforms): a JVP of value and both
+tangents is 5-22 % slower than with the direct convolution it replaced; ``vmap`` and nested
+derivatives work as for any JAX function. Values and derivatives equal the direct
+convolution's up to float rounding (about 1e-6 relative in float32, a few times the direct
+convolution's own rounding; the transform constants are exact in binary). In bfloat16 the
+value and the input gradient round ~3x worse than the direct convolution, which is why
+``conv2d``'s ``"auto"`` never picks this for it. Measurements:
+``benchmarks/results/perf_notes.md`` (sections 2 and 10).
 """
 from __future__ import annotations
 
