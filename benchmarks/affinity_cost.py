@@ -272,9 +272,10 @@ def spawn(args, num_tasks: int, method: str, steps: int, warmup: int) -> dict:
 
 def summarize(rows: list[dict]) -> list[dict]:
     """One line per (T, method): medians over all timed steps of all rounds."""
-    table = {}
+    table, measured = {}, {}
     for r in rows:
         key = (r["T"], r["method"])
+        measured.setdefault(r["T"], set()).add(r.get("measured", "?"))
         if "error" in r:
             table.setdefault(key, {"T": r["T"], "method": r["method"], "error": r["error"]})
             continue
@@ -291,6 +292,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for t in table.values():
         pooled.setdefault(t["T"], []).extend(t.get("plain_ms", []))
     for t in table.values():
+        t["measured"] = sorted(measured[t["T"]])
         if "ms" in t:
             t["ms_median"] = statistics.median(t["ms"])
             t["plain_ms_median"] = statistics.median(t["plain_ms"])
@@ -314,6 +316,9 @@ def markdown(summary: list[dict], info: dict) -> str:
         "median of every plain sample at "
         "that T (n in the header row of each T) and the FLOP ratio (XLA's cost analysis) does "
         "not depend on load. Target: ratio <= 0.5 (1 + T) at T = 9, 40.", "",
+        "Measured (the header's machine line is the last run's): " + "; ".join(
+            f"T = {t}: {', '.join(dates)}" for t, dates in
+            dict((t["T"], t["measured"]) for t in summary).items()) + ".", "",
         "| T | method | step ms | plain ms | ratio | pooled | 0.5(1+T) | GFLOP step "
         "| GFLOP plain | FLOP ratio | compile s | peak RSS GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -360,14 +365,16 @@ def main(argv=None) -> None:
     out = pathlib.Path(args.out)
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(
         ".json").exists() else {"rows": []}
-    rows = [r for r in old["rows"] if r["T"] not in tasks]
+    # Rows of other T values are kept, each with the date of the run that measured it.
+    rows = [{"measured": old["info"]["date"], **r} for r in old["rows"] if r["T"] not in tasks]
+    date = time.strftime("%Y-%m-%d %H:%M")
     for num_tasks in tasks:
         small = num_tasks <= 9
         steps, warmup = (args.steps, args.warmup) if small else (1, 1 if num_tasks <= 40 else 0)
         for _ in range(args.rounds if small else 1):
             for method in methods_for(num_tasks, requested):   # interleaved across methods
                 row = spawn(args, num_tasks, method, steps, warmup)
-                rows.append(row)
+                rows.append({**row, "measured": date})
                 print(json.dumps({k: row.get(k) for k in ("T", "method", "ratio", "ms",
                                                           "plain_ms", "compile_s",
                                                           "maxrss_gb", "error")})[:400],
@@ -375,7 +382,7 @@ def main(argv=None) -> None:
     info = {"machine": f"{cpu_runtime.describe_machine()} (shared)",
             "jax": jax.__version__, "python": platform.python_version(),
             "hw": args.image_size, "batch": args.batch_size,
-            "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg": os.getloadavg()}
+            "date": date, "load_avg": os.getloadavg()}
     summary = summarize(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
