@@ -275,7 +275,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     table, measured = {}, {}
     for r in rows:
         key = (r["T"], r["method"])
-        measured.setdefault(r["T"], set()).add(r.get("measured", "?"))
+        measured.setdefault(r["T"], set()).add(r["measured"])
         if "error" in r:
             table.setdefault(key, {"T": r["T"], "method": r["method"], "error": r["error"]})
             continue
@@ -318,7 +318,7 @@ def markdown(summary: list[dict], info: dict) -> str:
         "not depend on load. Target: ratio <= 0.5 (1 + T) at T = 9, 40.", "",
         "Measured (the header's machine line is the last run's): " + "; ".join(
             f"T = {t}: {', '.join(dates)}" for t, dates in
-            dict((t["T"], t["measured"]) for t in summary).items()) + ".", "",
+            {t["T"]: t["measured"] for t in summary}.items()) + ".", "",
         "| T | method | step ms | plain ms | ratio | pooled | 0.5(1+T) | GFLOP step "
         "| GFLOP plain | FLOP ratio | compile s | peak RSS GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|"]

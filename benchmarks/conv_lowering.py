@@ -2,12 +2,11 @@
 
 ``tr_jax.nn.conv2d(lowering="auto")`` picks ``"im2col"``, ``"winograd"`` or ``"xla"`` by the
 output map's size (``WINOGRAD_MIN_SIDE``, ``WINOGRAD_MAX_AREA``, ``IM2COL_MAX_AREA`` in
-``tr_jax/nn/conv.py``). The
-best thresholds depend on the CPU's vector ISA (the peers' and XLA's kernels differ between
-AVX2 and AVX-512), so this times every lowering on every layer shape of routed VGG-11-BN
-(32x32 and 64x64 input, batch 32) and of the TAG encoder (32x32 64->64 maps, batch 64):
-value and both gradients of ``sum(conv(x, k) ** 2)`` under one ``jax.jit``, interleaved
-across lowerings, median of ``--reps`` rounds. The table says which lowering ``"auto"`` picks
+``tr_jax/nn/conv.py``). The best thresholds depend on the CPU's vector ISA (the peers' and
+XLA's kernels differ between AVX2 and AVX-512), so this times every lowering on every layer
+shape of routed VGG-11-BN (32x32 and 64x64 input, batch 32) and of the TAG encoder (32x32
+64->64 maps, batch 64): value and both gradients of ``sum(conv(x, k) ** 2)`` under one
+``jax.jit``, interleaved across lowerings, median of ``--reps`` rounds. The table says which lowering ``"auto"`` picks
 and how far it is from the fastest; a row far above 1.0 means a threshold should move on
 that ISA.
 
@@ -78,8 +77,8 @@ def markdown(rows: list[dict], info: dict) -> str:
     lines = ["# Convolution lowering per layer (benchmarks/conv_lowering.py)", "",
              f"{info['machine']}; jax {info['jax']}; value + both gradients, median of "
              f"{info['reps']} interleaved rounds, ms ({info['date']}, load average at the start "
-             f"{info['load_avg'][0]:.1f}). Thresholds: winograd for 3x3 stride-1 layers whose output "
-             f"map is at least {info['winograd_min_side']} on both sides with at most "
+             f"{info['load_avg'][0]:.1f}). Thresholds: winograd for 3x3 stride-1 layers whose "
+             f"output map is at least {info['winograd_min_side']} on both sides with at most "
              f"{info['winograd_max_area']} positions, else im2col up to "
              f"{info['im2col_max_area']}.", "",
              "| layer (batch, map, Cin->Cout) | in | xla | im2col | winograd | auto picks | "

@@ -12,7 +12,6 @@ import pytest
 
 from tr_jax.nn import conv as conv_lib
 from tr_jax.nn import winograd
-from tr_jax.nn.winograd import winograd_conv
 
 LOWERINGS = ("xla", "im2col", "winograd")
 # (input H, W), kernel, strides, padding
@@ -275,7 +274,7 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="padding"):
         conv_lib.conv2d(x, k, padding=((1, 1), (1, 1), (1, 1)))
     with pytest.raises(ValueError, match=r"padded map \(1, 1\) is smaller than the 3x3"):
-        winograd_conv(jnp.ones((1, 1, 1, 3)), k, ((0, 0), (0, 0)))
+        winograd.winograd_conv(jnp.ones((1, 1, 1, 3)), k, ((0, 0), (0, 0)))
 
 
 @pytest.mark.parametrize("lowering", LOWERINGS + ("auto",))

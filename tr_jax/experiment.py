@@ -127,9 +127,10 @@ def affinity_options(config: ml_collections.ConfigDict, steps_per_epoch: int
     Z is normalized by the optimizer's learning rate at each measured step
     (:func:`build_learning_rate`).
     """
-    if not config.get("affinity"):
+    settings = _affinity_settings(config)
+    if not settings:
         return {}
-    return {**_affinity_settings(config), "lr": build_learning_rate(config, steps_per_epoch),
+    return {**settings, "lr": build_learning_rate(config, steps_per_epoch),
             "strategy": config.get("strategy", "auto"),
             "affinity_chunk_size": config.get("affinity_chunk_size") or None}
 
