@@ -290,17 +290,23 @@ def fmt_groups(groups) -> str:
     return " ".join("(" + ",".join(map(str, g)) + ")" for g in groups)
 
 
+def measured_line(part: dict[str, Any]) -> str:
+    """The line that says which run measured one part of the results: machine, date, command."""
+    return f"Measured on {part['machine']}, {part['date']}: `{part['command']}`."
+
+
 def write_markdown(result: dict[str, Any], path: pathlib.Path) -> None:
-    cfg = result["config"]
+    """Writes the tables of ``result`` as read back from the JSON file (string dict keys)."""
+    accuracy, cost = result["accuracy"], result["cost"]
+    cfg = cost["config"]
     lines = ["# Affinity estimators vs the exact TAG lookahead", "",
-             f"Machine: {result['machine']}. Command: `{result['command']}`.", "",
-             "## Accuracy of the run-averaged matrix", "",
+             "## Accuracy of the run-averaged matrix", "", measured_line(accuracy), "",
              "Spearman / Pearson / sign agreement: off-diagonal entries of the run-averaged matrix vs the "
              "exact one. Per-step: median over steps of the single-step Spearman. Groups: "
              "`select_groups` for 2 / 3 / 4 networks, `=` same groups as from the exact matrix; "
              "regret: loss of the exact matrix's objective at the estimator's groups, relative "
              "to the exact pick (0 = as good).", ""]
-    for run in result["accuracy"]:
+    for run in accuracy["runs"]:
         lines += [f"### {run['name']} (T = {run['num_tasks']}, {run['model']}, "
                   f"{run['steps']} steps, lr {run['lr']}, batch {run['batch_size']}; loss "
                   f"{run['first_loss']:.3g} -> {run['last_loss']:.3g}; {run['seconds']:.0f} s)",
@@ -309,8 +315,8 @@ def write_markdown(result: dict[str, Any], path: pathlib.Path) -> None:
                   "| same groups 2/3/4 | regret 2/3/4 |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for n, r in run["estimators"].items():
-            same = "/".join("=" if r["same_groups"][g] else "x" for g in NUM_GROUPS)
-            regret = " / ".join(f"{r['regret'][g]:.3f}" for g in NUM_GROUPS)
+            same = "/".join("=" if r["same_groups"][str(g)] else "x" for g in NUM_GROUPS)
+            regret = " / ".join(f"{r['regret'][str(g)]:.3f}" for g in NUM_GROUPS)
             lines.append(f"| {n} | {r['spearman']:.3f} | {r['pearson']:.3f} | "
                          f"{r['sign_agreement']:.3f} | "
                          f"{r['per_step_spearman_median']:.3f} | {same} | {regret} |")
@@ -319,30 +325,30 @@ def write_markdown(result: dict[str, Any], path: pathlib.Path) -> None:
                       f"odd steps has Spearman {half['spearman']:.3f}, Pearson "
                       f"{half['pearson']:.3f}.", "",
                   "Exact groups: " + "; ".join(
-            f"{g}: {fmt_groups(run['exact_groups'][g])}"
-            f"{'' if run['exact_groups_optimal'][g] else ' (not proven optimal)'}"
+            f"{g}: {fmt_groups(run['exact_groups'][str(g)])}"
+            f"{'' if run['exact_groups_optimal'][str(g)] else ' (not proven optimal)'}"
             for g in NUM_GROUPS)]
         if run["planted_groups"] and len(run["planted_groups"]) <= 6:
             lines.append(f"Planted groups: {fmt_groups(run['planted_groups'])}")
         lines.append("")
-    lines += ["## Cost per affinity computation", "",
+    lines += ["## Cost per affinity computation", "", measured_line(cost), "",
               f"RoutedResNet (TAG CelebA encoder, unrouted, width {cfg['width']}), "
               f"{cfg['image_size']}x{cfg['image_size']}x3 inputs, batch {cfg['batch_size']}, "
               "float32, jitted; median seconds over interleaved repeats (compile excluded). "
               "`train_step`: forward + backward of the summed loss, for scale. "
               "x: speed-up over the exact lookahead.", ""]
-    names = list(result["cost"][0]["timing"])
+    names = list(cost["rows"][0]["timing"])
     lines += ["| T | " + " | ".join(names) + " |", "| --- " * (len(names) + 1) + "|"]
-    for rec in result["cost"]:
+    for rec in cost["rows"]:
         cells = [f"{rec['timing'][n]['median_s']:.3f} s ({rec['ratio_to_exact'][n]:.1f}x)"
                  for n in names]
         lines.append(f"| {rec['num_tasks']} | " + " | ".join(cells) + " |")
     lines += ["", "Compile seconds: " + "; ".join(
         f"T={rec['num_tasks']}: " + ", ".join(f"{n} {v['compile_s']:.0f}"
                                               for n, v in rec["timing"].items())
-        for rec in result["cost"]), "",
+        for rec in cost["rows"]), "",
         "Peak resident memory of the timing process: " + ", ".join(
-            f"T={rec['num_tasks']}: {rec['peak_rss_gb']:.1f} GB" for rec in result["cost"]), ""]
+            f"T={rec['num_tasks']}: {rec['peak_rss_gb']:.1f} GB" for rec in cost["rows"]), ""]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -392,21 +398,26 @@ def main(argv=None) -> None:
     cost = [] if args.skip_cost else cost_sweep(
         tasks, tuple(args.cost_ks), image_size=args.image_size, batch_size=args.batch_size,
         width=args.width, repeats=2 if args.quick else args.repeats, budget_s=args.budget)
-    result = {"machine": f"{platform.node()}: {cpu_runtime.describe_machine()}, "
+    header = {"machine": f"{platform.node()}: {cpu_runtime.describe_machine()}, "
                          f"jax {jax.__version__} on {jax.default_backend()}, "
                          f"{jax.local_device_count()} device(s)",
+              "date": time.strftime("%Y-%m-%d %H:%M"),
               "command": " ".join(["benchmarks/affinity_estimators.py", *(argv or sys.argv[1:])]),
-              "config": vars(args), "accuracy": accuracy, "cost": cost}
+              "config": vars(args)}
+    result = {}
+    if accuracy:
+        result["accuracy"] = {**header, "runs": accuracy}
+    if cost:
+        result["cost"] = {**header, "rows": cost}
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.with_suffix(".json").exists():  # keep the part that was skipped this time
+    if out.with_suffix(".json").exists():  # a part skipped this time keeps its own run's header
         old = json.loads(out.with_suffix(".json").read_text())
-        for part in ("accuracy", "cost"):
-            if not result[part]:
-                result[part] = old.get(part, [])
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    if result["cost"] and result["accuracy"]:
-        write_markdown(result, out.with_suffix(".md"))
+        result = {part: result.get(part, old.get(part)) for part in ("accuracy", "cost")}
+    text = json.dumps(result, indent=1)
+    out.with_suffix(".json").write_text(text)
+    if result.get("cost") and result.get("accuracy"):
+        write_markdown(json.loads(text), out.with_suffix(".md"))
     print(f"wrote {out.with_suffix('.json')}")
 
 

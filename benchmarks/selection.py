@@ -206,11 +206,10 @@ How to read it. `exact` is the official optimum (checked against the official-st
 enumeration wherever that ran). `milp` = local search (pool of candidate groups) + HiGHS MILP over
 the pool + a Lagrangian LP bound that is valid over all 2^T groups, so `rel. gap` is a proven
 optimality gap. The bound relaxes each task's score in a group of m members to the mean of its
-m - 1 best sources, chosen per task: it proves optimality on clearly grouped matrices (`clear`)
-and is within a fraction of a percent on the HOA family, but on noisy structure (`noisy`) and on
-i.i.d. random matrices (`random`) it stays far above the score. There the gap mostly measures
-the bound, not the solution: see the summary for how often the heuristic reached the exact
-optimum where that is known (T <= 14).
+m - 1 best sources, chosen per task, so how tight it is depends on the matrix's structure; a
+large gap (the summary gives each family's range) can measure the bound rather than the
+solution. The summary also says how often the heuristic reached the exact optimum where that is
+known (T <= 14).
 """
 
 

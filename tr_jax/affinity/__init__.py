@@ -8,9 +8,10 @@ from tr_jax.affinity.estimators import (model_representation, model_representati
                                         representation_affinity, sketch_variance,
                                         sketched_affinity, taylor_affinity)
 from tr_jax.affinity.lookahead import (affinity_from_losses, lookahead_affinity, lookahead_losses,
-                                       optax_lookahead, resolve_strategy, sgd_update)
+                                       optax_lookahead, sgd_update)
 from tr_jax.affinity.per_task import (merge_params, per_task_and_total_grads, per_task_grads,
                                       split_params)
+from tr_jax.affinity.strategy import resolve_strategy
 
 __all__ = [
     "affinity_from_losses",

@@ -40,9 +40,10 @@ import jax.flatten_util
 import jax.numpy as jnp
 
 from tr_jax import losses as losses_lib
-from tr_jax.affinity.lookahead import Strategy, UpdateFn, check_lr, resolve_strategy
+from tr_jax.affinity.lookahead import UpdateFn, check_lr
 from tr_jax.affinity.per_task import (LossFn, PyTree, assert_task_axis, check_losses,
-                                      check_shared, map_tasks, per_task_grads)
+                                      check_shared, per_task_grads)
+from tr_jax.affinity.strategy import Strategy, map_tasks, resolve_strategy
 from tr_jax.models import MultiTaskModel
 from tr_jax.models.heads import MultiTaskHead
 

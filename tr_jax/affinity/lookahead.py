@@ -23,8 +23,8 @@ from tr_jax.affinity.per_task import (LossFn, PyTree, assert_task_axis, check_lo
                                       check_shared, merge_params, per_task_grads, select_like)
 from tr_jax.affinity.strategy import Strategy, map_tasks, resolve_strategy
 
-__all__ = ["Strategy", "UpdateFn", "affinity_from_losses", "check_lr", "lookahead_affinity",
-           "lookahead_losses", "optax_lookahead", "resolve_strategy", "sgd_update"]
+__all__ = ["UpdateFn", "affinity_from_losses", "check_lr", "lookahead_affinity",
+           "lookahead_losses", "optax_lookahead", "sgd_update"]
 
 UpdateFn = Callable[[PyTree], PyTree]
 

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from tr_jax.affinity.strategy import Strategy, check_chunk_size, map_tasks, resolve_strategy
+from tr_jax.affinity.strategy import Strategy, map_tasks, resolve_strategy
 
-__all__ = ["LossFn", "PyTree", "assert_task_axis", "check_chunk_size", "check_losses",
-           "check_shared", "map_tasks", "merge_params", "per_task_and_total_grads",
-           "per_task_grads", "pull_back_tasks", "select_like", "split_params"]
+__all__ = ["LossFn", "PyTree", "assert_task_axis", "check_losses", "check_shared",
+           "merge_params", "per_task_and_total_grads", "per_task_grads", "pull_back_tasks",
+           "select_like", "split_params"]
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, Any], jax.Array]
