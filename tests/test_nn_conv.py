@@ -124,24 +124,28 @@ def test_forward_mode_and_nested_derivatives_match_flax(dtype, x64):
     ((6, 5), ((1, 1), (1, 1))), ((6, 5), ((0, 0), (2, 1))), ((6, 5), ((3, 0), (0, 2))),
     ((6, 5), ((0, 1), (1, 0))), ((6, 5), ((0, 3), (1, 4))), ((6, 5), ((-1, 2), (1, -1))),
     ((3, 3), ((0, 0), (0, 0))), ((1, 1), ((1, 1), (1, 1)))])
-def test_winograd_input_gradient_is_the_direct_convolutions_vjp(hw, pads, x64):
-    """input_gradient (F(2x2, 3x3) with the flipped kernel) equals the VJP of the direct
-    convolution in x, in float64: odd map sizes, a 1x1 output, pads over 2 (cropped in the
+def test_winograd_gradients_are_the_direct_convolutions_vjp(hw, pads, x64):
+    """input_gradient (F(2x2, 3x3) with the flipped kernel) and kernel_gradient (input tiles
+    against the spread cotangent tiles) equal the VJP of the direct convolution in x and in
+    the kernel, in float64: odd map sizes, a 1x1 output, pads over 2 (cropped in the
     transposed convolution) and negative pads included."""
     x = jax.random.normal(jax.random.key(0), (2, *hw, 4), jnp.float64)
     k = jax.random.normal(jax.random.key(1), (3, 3, 4, 3), jnp.float64)
-    direct = functools.partial(conv_lib.conv2d, padding=pads, lowering="xla")
-    y, vjp = jax.vjp(lambda x: direct(x, k), x)
+    y, vjp = jax.vjp(functools.partial(conv_lib.conv2d, padding=pads, lowering="xla"), x, k)
     ct = jax.random.normal(jax.random.key(2), y.shape, jnp.float64)
-    np.testing.assert_allclose(winograd.input_gradient(ct, k, pads), vjp(ct)[0], rtol=1e-12,
+    want_x, want_k = vjp(ct)
+    np.testing.assert_allclose(winograd.input_gradient(ct, k, pads), want_x, rtol=1e-12,
+                               atol=1e-12)
+    np.testing.assert_allclose(winograd.kernel_gradient(x, ct, pads), want_k, rtol=1e-12,
                                atol=1e-12)
 
 
 def test_winograd_derivatives_under_vmap_and_nesting(x64):
-    """The winograd lowering's input gradient is written as a linear transpose inside its
-    custom JVP: under vmap over kernels, inputs or both, reverse-over-reverse,
-    forward-over-reverse and forward-over-forward along the input (which evaluates that
-    transpose), derivatives equal the direct convolution's (float64)."""
+    """The winograd lowering's input and kernel gradients are written as linear transposes
+    inside its custom JVP: under vmap over kernels, inputs or both, reverse-over-reverse,
+    forward-over-reverse and forward-over-forward along the input and along the kernel
+    (which evaluate those transposes), derivatives equal the direct convolution's
+    (float64)."""
     xs = jax.random.normal(jax.random.key(0), (2, 2, 5, 6, 4), jnp.float64)
     kernels = jax.random.normal(jax.random.key(1), (2, 3, 3, 4, 2), jnp.float64)
     pads = ((1, 1), (0, 2))
@@ -154,10 +158,13 @@ def test_winograd_derivatives_under_vmap_and_nesting(x64):
         per_kernel = jax.vmap(grads, in_axes=(None, 0))(x, kernels)
         per_input = jax.vmap(grads, in_axes=(0, None))(xs, k)
         per_pair = jax.vmap(grads)(xs, kernels)
-        rev_rev = jax.grad(lambda k: jnp.sum(grads(x, k)[0] ** 2))(k)
-        fwd_rev = jax.jvp(lambda x: grads(x, k), (x,), (xs[1],))[1]
-        fwd_fwd = jax.jvp(lambda x: jax.jvp(loss, (x, k), (xs[1], kernels[1]))[1],
-                          (x,), (xs[1],))[1]
+        rev_rev = (jax.grad(lambda k: jnp.sum(grads(x, k)[0] ** 2))(k),
+                   jax.grad(lambda x: jnp.sum(grads(x, k)[1] ** 2))(x))
+        fwd_rev = (jax.jvp(lambda x: grads(x, k), (x,), (xs[1],))[1],
+                   jax.jvp(lambda k: grads(x, k), (k,), (kernels[1],))[1])
+        first = lambda x, k: jax.jvp(loss, (x, k), (xs[1], kernels[1]))[1]
+        fwd_fwd = (jax.jvp(lambda x: first(x, k), (x,), (xs[1],))[1],
+                   jax.jvp(lambda k: first(x, k), (k,), (kernels[1],))[1])
         return per_kernel, per_input, per_pair, rev_rev, fwd_rev, fwd_fwd
 
     want = jax.jit(lambda: derivatives("xla"))()

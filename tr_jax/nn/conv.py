@@ -16,11 +16,11 @@ Three lowerings compute the same convolution (equal up to float rounding):
   input-gradient alike. Autodiff of the product gives matrix products for both gradients,
   and ``vmap`` over a per-task kernel gives a batched product instead of a grouped
   convolution.
-* ``"winograd"`` -- 3x3 stride-1 convolutions only: the value and the input gradient by
-  Winograd's F(2x2, 3x3) (:mod:`tr_jax.nn.winograd`), 2.25x fewer multiplications, the kernel
-  gradient by the same direct convolution as ``"xla"``. On XLA:CPU (AVX2), value and both
-  gradients are 13-27 % faster than ``"xla"`` on VGG-11's 4x4 to 16x16 layers (two runs of
-  ``benchmarks/conv_lowering.py``; one tie, on the 16x16 64->128 layer).
+* ``"winograd"`` -- 3x3 stride-1 convolutions only: the value and both gradients by
+  Winograd's F(2x2, 3x3) (:mod:`tr_jax.nn.winograd`), 2.25x fewer multiplications. On XLA:CPU
+  (AVX2), value and both gradients are 7-35 % faster than ``"xla"`` on VGG-11's 4x4 to 16x16
+  layers (``benchmarks/conv_lowering.py``; 7 % on the 16x16 64->128 layer, 29-35 % on the
+  others).
 
 ``lowering="auto"`` (the default) picks per call, at trace time: ``"xla"`` off CPU; on CPU
 ``"winograd"`` for a float32 or float64 3x3 stride-1 convolution whose output map is at least
@@ -56,18 +56,20 @@ ENV_VAR = "TR_JAX_CONV_LOWERING"
 # (H' * W'), else "im2col" up to IM2COL_MAX_AREA positions, else "xla". Measured on XLA:CPU
 # with its Eigen convolutions (cpu_runtime.configure; 2 cores, AVX2, float32, batch 32,
 # forward + both gradients, xla / im2col / winograd ms, benchmarks/results/
-# conv_lowering_avx2.md): 2x2 512->512 708 / 14 / 17; 4x4 256->512 27 / 26 / 21, 512->512
-# 53 / 52 / 42; 8x8 256->256 48 / 55 / 38; 16x16 256->256 189 / 235 / 143. On 32x32 maps the
-# layers alone were mixed (-7 % to +4 % with winograd) and whole steps slower (TAG plain step
-# 348 vs 387 ms, VGG train at 64x64 821 vs 854; perf_notes.md section 10): they stay "xla".
-# Smaller sides waste F(2x2, 3x3)'s tiles (a 3x3 output computes 4x4). Only measured on AVX2
-# for 4x4 maps: on the AVX-512 VM, Winograd's forward lost to im2col there (33.3 vs 26.1 ms on
-# 4x4 512->512, before its input gradient was Winograd too); run conv_lowering.py there.
+# conv_lowering_avx2.md): 2x2 512->512 693 / 14 / 18; 4x4 256->512 27 / 25 / 18, 512->512
+# 53 / 51 / 35; 8x8 256->256 47 / 54 / 31; 16x16 256->256 188 / 239 / 126. On 32x32 maps the
+# layers alone are mixed (VGG's 64->128 -9 % with winograd, TAG's 64->64 +4 %) and whole steps
+# were not faster (VGG train at 64x64 657.3 vs 656.5 ms; perf_notes.md sections 10, 11): they
+# stay "xla". Smaller sides waste F(2x2, 3x3)'s tiles (a 3x3 output computes 4x4). Only
+# measured on AVX2 for 4x4 maps: on the AVX-512 VM, Winograd's forward lost to im2col there
+# (33.3 vs 26.1 ms on 4x4 512->512, before its gradients were Winograd too); run
+# conv_lowering.py there.
 WINOGRAD_MIN_SIDE = 4
 WINOGRAD_MAX_AREA = 256
 IM2COL_MAX_AREA = 16
-# "auto" uses "winograd" only for these input dtypes: in bfloat16 its rounding error is ~3x the
-# direct convolution's (relative error 8.5e-3 vs 3e-3 on XLA:CPU).
+# "auto" uses "winograd" only for these input dtypes: in bfloat16 its rounding error is 2-3x the
+# direct convolution's (relative error 8.5e-3 vs 3e-3 on XLA:CPU; kernel gradient 8.7e-3 vs
+# 4.0e-3).
 WINOGRAD_AUTO_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]

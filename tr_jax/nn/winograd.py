@@ -1,5 +1,5 @@
-"""3x3 stride-1 convolution by Winograd's F(2x2, 3x3): the value and the input gradient, with
-a direct-convolution kernel gradient.
+"""3x3 stride-1 convolution by Winograd's F(2x2, 3x3): the value, the input gradient and the
+kernel gradient.
 
 The output is computed in 2x2 tiles, each from a 4x4 input tile:
 ``Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`` (Lavin & Gray, "Fast Algorithms for Convolutional Neural
@@ -7,24 +7,26 @@ Networks", 2016). The transforms are additions and halvings; the products become
 (tiles, Cin) x (Cin, Cout) matrix products: 16 multiply-adds per 2x2 output tile and channel pair
 instead of 36.
 
-:func:`winograd_conv` is a ``custom_jvp`` function whose tangent is ``L(dx) + conv(x, dk)``:
+:func:`winograd_conv` is a ``custom_jvp`` function whose tangent is ``L(dx) + K(dk)``, both
+written as linear transposes (``jax.linear_transpose``) of F(2x2, 3x3) computations, so that
+reverse mode transposes them back into those:
 
-* ``conv(x, dk)`` is a direct convolution, which reverse mode transposes into XLA's own
-  weight-gradient convolution (autodiff *through* the transforms was slower there).
-* ``L`` is the input part of the derivative, written as the linear transpose
-  (``jax.linear_transpose``) of another F(2x2, 3x3) convolution: the output cotangent
-  convolved with the spatially flipped kernel, input and output channels swapped
-  (:func:`input_gradient`). Reverse mode transposes ``L`` back into that Winograd
-  convolution, so the input gradient costs what the forward costs.
+* ``L`` is the transpose of :func:`input_gradient`, the output cotangent convolved with the
+  spatially flipped kernel, input and output channels swapped: the input gradient costs what
+  the forward costs.
+* ``K`` is the transpose of :func:`kernel_gradient`: the forward's input tiles against the
+  cotangent's tiles spread by the output transform's transpose, in 16 (Cin, tiles) x
+  (tiles, Cout) products. (Autodiff *through* the forward's transforms gave the same math with
+  a slower layout.)
 
-Forward mode evaluates ``L`` itself (the transposed transforms): a JVP of value and both
-tangents is 5-22 % slower than with the direct convolution it replaced; ``vmap`` and nested
-derivatives work as for any JAX function. Values and derivatives equal the direct
-convolution's up to float rounding (about 1e-6 relative in float32, a few times the direct
-convolution's own rounding; the transform constants are exact in binary). In bfloat16 the
-value and the input gradient round ~3x worse than the direct convolution, which is why
-``conv2d``'s ``"auto"`` never picks this for it. Measurements:
-``benchmarks/results/perf_notes.md`` (sections 2 and 10).
+Forward mode evaluates ``L`` and ``K`` themselves (the transposed transforms): a JVP of value
+and both tangents is between 13 % slower (4x4 maps) and 11 % faster than one with direct
+convolution tangents; ``vmap`` and nested derivatives work as for any JAX function. Values and
+derivatives equal the direct convolution's up to float rounding (about 1e-6 relative in
+float32, a few times the direct convolution's own rounding; the transform constants are exact
+in binary). In bfloat16 the value and the gradients round 2-3x worse than the direct
+convolution, which is why ``conv2d``'s ``"auto"`` never picks this for it. Measurements:
+``benchmarks/results/perf_notes.md`` (sections 2, 10 and 11).
 """
 from __future__ import annotations
 
@@ -33,15 +35,17 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
-_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # F(2x2, 3x3) transforms: the rows of Bᵀ, G and Aᵀ.
 _BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 _AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+# A y Aᵀ for a 2x2 tile y: entry (4 a + c, r, s) = Aᵀ[r][a] Aᵀ[s][c].
+_SPREAD = np.einsum("ra,sc->acrs", np.array(_AT), np.array(_AT)).reshape(16, 2, 2)
 
 
 def _combine(terms: Sequence[jax.Array], coefs: Sequence[float]) -> jax.Array:
@@ -69,22 +73,41 @@ def kernel_transform(kernel: jax.Array, flip: bool = False) -> jax.Array:
     return jnp.stack([_combine([g[j] for j in taps], _G[c]) for g in g_rows for c in range(4)])
 
 
+def _kernel_transform_transpose(u: jax.Array) -> jax.Array:
+    """Gᵀ u G, the transpose of :func:`kernel_transform` (unflipped): (16, Cin, Cout) ->
+    (3, 3, Cin, Cout)."""
+    u = u.reshape(4, 4, *u.shape[1:])
+    rows = [_combine([u[a] for a in range(4)], [_G[a][i] for a in range(4)]) for i in range(3)]
+    return jnp.stack([jnp.stack([_combine([r[c] for c in range(4)], [_G[c][j] for c in range(4)])
+                                 for j in range(3)]) for r in rows])
+
+
+def _tiling(hw: tuple[int, int], pads: Pads) -> tuple[int, int, int, int]:
+    """(H', W', th, tw): the output map of a 3x3 kernel over ``hw`` padded by ``pads``, and
+    its number of 2x2 tiles per side (an odd side computes one extra row or column)."""
+    ho, wo = hw[0] + sum(pads[0]) - 2, hw[1] + sum(pads[1]) - 2
+    return ho, wo, -(-ho // 2), -(-wo // 2)
+
+
+def _input_tiles(x: jax.Array, pads: Pads) -> jax.Array:
+    """Bᵀ d B of every 4x4 input tile: (B, H, W, Cin) -> (16, B * th * tw, Cin)."""
+    b, _, _, cin = x.shape
+    ho, wo, th, tw = _tiling(x.shape[1:3], pads)
+    xp = lax.pad(x, jnp.zeros((), x.dtype),
+                 ((0, 0, 0), (pads[0][0], pads[0][1] + 2 * th - ho, 0),
+                  (pads[1][0], pads[1][1] + 2 * tw - wo, 0), (0, 0, 0)))
+    rows = [_combine(_strided_taps(xp, 1, th), _BT[a]) for a in range(4)]
+    v = [_combine(_strided_taps(r, 2, tw), _BT[c]) for r in rows for c in range(4)]
+    return jnp.stack(v).reshape(16, b * th * tw, cin)
+
+
 def _tiled_conv(x: jax.Array, u: jax.Array, pads: Pads, u_in_axis: int) -> jax.Array:
     """F(2x2, 3x3) of ``x`` (B, H, W, Cin) with a transformed kernel ``u`` (16, ., .) whose
     input-channel axis is ``u_in_axis`` (1 or 2; the other is Cout). ``pads`` may be negative
     (cropping). Returns (B, H', W', Cout), H' = H + top + bottom - 2 (likewise W')."""
-    b, h, w, cin = x.shape
-    cout = u.shape[3 - u_in_axis]
-    ho, wo = h + sum(pads[0]) - 2, w + sum(pads[1]) - 2
-    th, tw = -(-ho // 2), -(-wo // 2)  # output tiles; an odd side computes one extra row
-    xp = lax.pad(x, jnp.zeros((), x.dtype),
-                 ((0, 0, 0), (pads[0][0], pads[0][1] + 2 * th - ho, 0),
-                  (pads[1][0], pads[1][1] + 2 * tw - wo, 0), (0, 0, 0)))
-    # Input transform Bᵀ d B, rows then columns: 16 arrays (B, th, tw, Cin).
-    rows = [_combine(_strided_taps(xp, 1, th), _BT[a]) for a in range(4)]
-    v = [_combine(_strided_taps(r, 2, tw), _BT[c]) for r in rows for c in range(4)]
-    v = jnp.stack(v).reshape(16, b * th * tw, cin)
-    m = lax.dot_general(v, u, (((2,), (u_in_axis,)), ((0,), (0,))))
+    b, cout = x.shape[0], u.shape[3 - u_in_axis]
+    ho, wo, th, tw = _tiling(x.shape[1:3], pads)
+    m = lax.dot_general(_input_tiles(x, pads), u, (((2,), (u_in_axis,)), ((0,), (0,))))
     m = m.reshape(4, 4, b, th, tw, cout)
     # Output transform Aᵀ m A: the 2x2 outputs of every tile, interleaved back into the map.
     cols = [[_combine([m[a, c] for c in range(4)], _AT[s]) for s in range(2)] for a in range(4)]
@@ -127,8 +150,34 @@ def input_gradient(cotangent: jax.Array, kernel: jax.Array, pads: Pads) -> jax.A
                        tuple((2 - lo, 2 - hi) for lo, hi in pads), u_in_axis=2)
 
 
-def _direct(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
-    return lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=_DIMENSION_NUMBERS)
+def kernel_gradient(x: jax.Array, cotangent: jax.Array, pads: Pads) -> jax.Array:
+    """The gradient of ``sum(conv(x, kernel) * cotangent)`` in ``kernel``, by F(2x2, 3x3).
+
+    ``Gᵀ [Σ_tiles (Bᵀ d B) ⊗ (A dy Aᵀ)] G``: the input tiles (as in the forward) and the
+    cotangent's 2x2 tiles spread to 4x4 by the output transform's transpose meet in 16
+    (Cin, tiles) x (tiles, Cout) products, 16 multiply-adds per 2x2 output tile and channel
+    pair instead of the direct weight gradient's 36.
+
+    Args:
+      x: (B, H, W, Cin), the convolution's input.
+      cotangent: (B, H', W', Cout), the convolution's output shape.
+      pads: the convolution's padding ((top, bottom), (left, right)).
+
+    Returns:
+      (3, 3, Cin, Cout).
+    """
+    b, ho, wo, cout = cotangent.shape
+    _, _, th, tw = _tiling(x.shape[1:3], pads)
+    dy = lax.pad(cotangent, jnp.zeros((), cotangent.dtype),
+                 ((0, 0, 0), (0, 2 * th - ho, 0), (0, 2 * tw - wo, 0), (0, 0, 0)))
+    # A dy Aᵀ, the transpose of the forward's output transform, as one product over each
+    # tile's 2x2 entries: written with additions, XLA:CPU fused the cotangent's producer
+    # (e.g. the BatchNorm backward) into each of the 16 results and ran it 16 times.
+    m = lax.dot_general(_SPREAD.astype(dy.dtype), dy.reshape(b, th, 2, tw, 2, cout),
+                        (((1, 2), (2, 4)), ((), ())))
+    m = m.reshape(16, b * th * tw, cout)
+    u = lax.dot_general(_input_tiles(x, pads), m, (((1,), (1,)), ((0,), (0,))))
+    return _kernel_transform_transpose(u)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -145,7 +194,9 @@ def _winograd_conv_jvp(pads, primals, tangents):
         to_input = functools.partial(input_gradient, kernel=kernel, pads=pads)
         terms.append(jax.linear_transpose(to_input, jax.ShapeDtypeStruct(y.shape, y.dtype))(dx)[0])
     if not isinstance(dk, SymbolicZero):
-        terms.append(_direct(x, dk, pads))
+        # The transpose of kernel_gradient: reverse mode turns it back into kernel_gradient.
+        to_kernel = functools.partial(kernel_gradient, x, pads=pads)
+        terms.append(jax.linear_transpose(to_kernel, jax.ShapeDtypeStruct(y.shape, y.dtype))(dk)[0])
     return y, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
 
 
@@ -153,8 +204,8 @@ _winograd_conv.defjvp(_winograd_conv_jvp, symbolic_zeros=True)
 
 
 def winograd_conv(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
-    """3x3 stride-1 NHWC / HWIO convolution: F(2x2, 3x3) value and input gradient, direct
-    kernel gradient (see the module docstring).
+    """3x3 stride-1 NHWC / HWIO convolution: F(2x2, 3x3) value and gradients (see the module
+    docstring).
 
     Args:
       x: (B, H, W, Cin).
