@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -405,6 +406,12 @@ def _memory_rows(runs: list[dict]) -> list[str]:
     return rows
 
 
+def _measured(results: dict, part: str) -> list[str]:
+    """The line under a part's heading: when and on which machine that part was measured."""
+    m = results["measured"][part]
+    return [f"Measured {m['date']} on {m['machine']}.", ""]
+
+
 def markdown(results: dict) -> str:
     """The "Scaling" README section from the results."""
     lines = ["## Scaling", "",
@@ -415,7 +422,8 @@ def markdown(results: dict) -> str:
              "and lookahead forwards of its block of rows of Z, chunked, and Z is gathered "
              "once). Multi-host runs start with `tr_jax.sharding.initialize_distributed()`; "
              "each process feeds its own rows of every batch.", "",
-             f"Measured on {results['machine']}, with *fake* CPU devices "
+             "Measured on 2 shared CPU cores (each part's machine and date are under its "
+             "heading), with *fake* CPU devices "
              "(`jax_num_cpu_devices`) that all share those cores: more devices cannot be "
              "faster here; the tables show that the sharded steps run and what partitioning "
              "costs. Model: routed VGG-11 (width 1/8, BN) on 8x8x1 inputs, per-example "
@@ -423,7 +431,7 @@ def markdown(results: dict) -> str:
              f"task losses, chunks of {CHUNK} source tasks per device. Medians of "
              f"{results['reps']} interleaved repeats.", ""]
     if "devices" in results:
-        lines += ["### Step time vs devices (T = 40, batch 64)", "",
+        lines += ["### Step time vs devices (T = 40, batch 64)", "", *_measured(results, "devices"),
                   "| devices | train step, mesh (n, 1) [s] | train + affinity, mesh (1, n) [s] |",
                   "|---:|---:|---:|"]
         by_n: dict[int, list] = {}
@@ -434,7 +442,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {n} | {med[0]:.3f} | {med[1]:.2f} |")
         lines.append("")
     if "tasks" in results:
-        lines += ["### Step time and memory vs tasks (1 device)", "",
+        lines += ["### Step time and memory vs tasks (1 device)", "", *_measured(results, "tasks"),
                   "| T | batch | train step [s] | train + affinity [s] | affinity / train | "
                   "peak MiB (train) | peak MiB (train + affinity) |",
                   "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -447,19 +455,19 @@ def markdown(results: dict) -> str:
                          f"{_mib(plain['memory']['peak'])} | {_mib(aff['memory']['peak'])} |")
         lines.append("")
     if "memory" in results:
-        lines += ["### Memory at T = 312 (per device, planned by XLA; batch 312)", "",
+        lines += ["### Memory at T = 312 (per device, planned by XLA; batch 312)", "", *_measured(results, "memory"),
                   "| devices (task axis) | step | lookahead | peak MiB | temporaries MiB | "
                   "compile [s] |", "|---:|---|---|---:|---:|---:|"]
         lines += _memory_rows(results["memory"]) + [""]
     if "memory_full" in results:
-        lines += ["### Memory of the full-size step (compile only)", "",
+        lines += ["### Memory of the full-size step (compile only)", "", *_measured(results, "memory_full"),
                   "Routed VGG-11 (width 1, BN), 64x64x3 inputs, batch 624, T = 312 "
                   "(the `vgg312_scale.py` accelerator config), per device as XLA:CPU plans it.",
                   "", "| devices (task axis) | step | lookahead | peak MiB | temporaries MiB | "
                   "compile [s] |", "|---:|---|---|---:|---:|---:|"]
         lines += _memory_rows(results["memory_full"]) + [""]
     if "precision" in results:
-        lines += ["### Mixed precision (digits quickstart, 12 epochs)", "",
+        lines += ["### Mixed precision (digits quickstart, 12 epochs)", "", *_measured(results, "precision"),
                   "`model_kwargs.dtype` set to bfloat16 in code: bfloat16 activations and "
                   "matmuls, float32 "
                   "parameters, optimizer state and losses.", "",
@@ -471,7 +479,7 @@ def markdown(results: dict) -> str:
         lines.append("")
     if "scale" in results:
         s = results["scale"]
-        lines += ["### 312 tasks end to end", "",
+        lines += ["### 312 tasks end to end", "", *_measured(results, "scale"),
                   "`python benchmarks/scaling.py --scale experiments/configs/vgg312_scale.py:"
                   "runlocal`: routed VGG-11 (width 1/8) on the offline digits with 312 "
                   "*fabricated* tasks (task k = digit in a random subset S_k of 0-9), "
@@ -544,7 +552,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     parts = args.parts.split(",")
     from tr_jax import cpu_runtime
-    results = {"machine": f"{cpu_runtime.describe_machine()} (shared, loaded)", "reps": args.reps}
+    machine = f"{cpu_runtime.describe_machine()} (shared, loaded)"
+    results: dict[str, Any] = {"reps": args.reps, "measured": {}}
     for part in parts:
         print(f"part {part}", flush=True)
         t0 = time.perf_counter()
@@ -564,10 +573,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             raise SystemExit(f"unknown part {part!r}")
         print(f"part {part}: {time.perf_counter() - t0:.0f} s", flush=True)
+        results["measured"][part] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine}
         RESULTS.mkdir(parents=True, exist_ok=True)
         old = json.loads((RESULTS / "scaling.json").read_text()) if (
             RESULTS / "scaling.json").exists() else {}
-        merged = {**old, **results}
+        merged = {**old, **results, "measured": {**old.get("measured", {}), **results["measured"]}}
         (RESULTS / "scaling.json").write_text(json.dumps(merged, indent=1))
         (RESULTS / "scaling.md").write_text(markdown(merged))
     print(markdown(json.loads((RESULTS / "scaling.json").read_text())))

@@ -188,15 +188,12 @@ def _winograd_conv(x, kernel, pads):
 def _winograd_conv_jvp(pads, primals, tangents):
     (x, kernel), (dx, dk) = primals, tangents
     y = _winograd_conv(x, kernel, pads)
-    terms = []
-    if not isinstance(dx, SymbolicZero):
-        # The transpose of input_gradient: reverse mode turns it back into input_gradient.
-        to_input = functools.partial(input_gradient, kernel=kernel, pads=pads)
-        terms.append(jax.linear_transpose(to_input, jax.ShapeDtypeStruct(y.shape, y.dtype))(dx)[0])
-    if not isinstance(dk, SymbolicZero):
-        # The transpose of kernel_gradient: reverse mode turns it back into kernel_gradient.
-        to_kernel = functools.partial(kernel_gradient, x, pads=pads)
-        terms.append(jax.linear_transpose(to_kernel, jax.ShapeDtypeStruct(y.shape, y.dtype))(dk)[0])
+    cotangent = jax.ShapeDtypeStruct(y.shape, y.dtype)
+    # Each term is the transpose of a gradient; reverse mode turns it back into that gradient.
+    gradients = ((dx, functools.partial(input_gradient, kernel=kernel, pads=pads)),
+                 (dk, functools.partial(kernel_gradient, x, pads=pads)))
+    terms = [jax.linear_transpose(gradient, cotangent)(t)[0] for t, gradient in gradients
+             if not isinstance(t, SymbolicZero)]
     return y, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
 
 
