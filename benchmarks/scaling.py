@@ -406,6 +406,18 @@ def _memory_rows(runs: list[dict]) -> list[str]:
     return rows
 
 
+def _full_size_memory(results: dict) -> str:
+    """The sentence on the full-size step's planned memory on 8 devices (empty without it)."""
+    peaks = {r.get("chunk") if r["strategy"] == "chunked" else "vmap": r["memory"]["peak"] / 2**30
+             for run in results.get("memory_full", []) if run["devices"] == 8
+             for r in run["results"] if r["affinity"]}
+    if set(peaks) != {"vmap", 8, 1}:
+        return ""
+    return (f" The full-size model needs ~{peaks['vmap']:.0f} GiB per device unchunked even on "
+            f"8 devices; chunks of 8 need ~{peaks[8]:.0f} GiB (an 80 GB accelerator holds "
+            f"74.5 GiB), chunks of 1 ~{peaks[1]:.1f} GiB.")
+
+
 def _measured(results: dict, part: str) -> list[str]:
     """The line under a part's heading: when and on which machine that part was measured."""
     m = results["measured"][part]
@@ -513,8 +525,7 @@ def markdown(results: dict) -> str:
               "- Per device, chunking bounds memory by the chunk (a chunk of c source tasks "
               "holds c gradients and c lookahead forwards of the batch); the task axis divides "
               "the *time* (T / n rows per device). Unchunked, the task axis also divides the "
-              "memory, but the full-size model needs ~132 GiB per device even on 8 devices; "
-              "chunks of 8 need ~30 GiB (fits an 80 GB accelerator), chunks of 1 ~7.7 GiB.",
+              "memory." + _full_size_memory(results),
               "- The 312-task run shows the path at scale, not a TAG finding: with one example "
               "per task per batch and 5 measured steps, the per-example Z is dominated by its "
               "diagonal and its off-diagonal entries do not track how related the fabricated "
