@@ -6,9 +6,9 @@ output map's size (``WINOGRAD_MIN_SIDE``, ``WINOGRAD_MAX_AREA``, ``IM2COL_MAX_AR
 XLA's kernels differ between AVX2 and AVX-512), so this times every lowering on every layer
 shape of routed VGG-11-BN (32x32 and 64x64 input, batch 32) and of the TAG encoder (32x32
 64->64 maps, batch 64): value and both gradients of ``sum(conv(x, k) ** 2)`` under one
-``jax.jit``, interleaved across lowerings, median of ``--reps`` rounds. The table says which lowering ``"auto"`` picks
-and how far it is from the fastest; a row far above 1.0 means a threshold should move on
-that ISA.
+``jax.jit``, interleaved across lowerings, median of ``--reps`` rounds. The table says which
+lowering ``"auto"`` picks and how far it is from the fastest; a row far above 1.0 means a
+threshold should move on that ISA.
 
 Usage:
   python benchmarks/conv_lowering.py [--reps 7] [--out benchmarks/results/conv_lowering_<isa>]

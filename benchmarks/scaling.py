@@ -467,19 +467,22 @@ def markdown(results: dict) -> str:
                          f"{_mib(plain['memory']['peak'])} | {_mib(aff['memory']['peak'])} |")
         lines.append("")
     if "memory" in results:
-        lines += ["### Memory at T = 312 (per device, planned by XLA; batch 312)", "", *_measured(results, "memory"),
+        lines += ["### Memory at T = 312 (per device, planned by XLA; batch 312)", "",
+                  *_measured(results, "memory"),
                   "| devices (task axis) | step | lookahead | peak MiB | temporaries MiB | "
                   "compile [s] |", "|---:|---|---|---:|---:|---:|"]
         lines += _memory_rows(results["memory"]) + [""]
     if "memory_full" in results:
-        lines += ["### Memory of the full-size step (compile only)", "", *_measured(results, "memory_full"),
+        lines += ["### Memory of the full-size step (compile only)", "",
+                  *_measured(results, "memory_full"),
                   "Routed VGG-11 (width 1, BN), 64x64x3 inputs, batch 624, T = 312 "
                   "(the `vgg312_scale.py` accelerator config), per device as XLA:CPU plans it.",
                   "", "| devices (task axis) | step | lookahead | peak MiB | temporaries MiB | "
                   "compile [s] |", "|---:|---|---|---:|---:|---:|"]
         lines += _memory_rows(results["memory_full"]) + [""]
     if "precision" in results:
-        lines += ["### Mixed precision (digits quickstart, 12 epochs)", "", *_measured(results, "precision"),
+        lines += ["### Mixed precision (digits quickstart, 12 epochs)", "",
+                  *_measured(results, "precision"),
                   "`model_kwargs.dtype` set to bfloat16 in code: bfloat16 activations and "
                   "matmuls, float32 "
                   "parameters, optimizer state and losses.", "",

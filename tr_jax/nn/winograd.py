@@ -23,12 +23,12 @@ Forward mode evaluates ``L`` and ``K`` themselves (the transposed transforms). A
 previous version, whose kernel tangent was a direct convolution, a JVP of value and both
 tangents is 13 % slower on a 4x4 map and 6-11 % faster on 8x8 and 16x16 maps; making ``L``
 Winograd had cost 5-22 % against direct tangents for both. ``vmap`` and nested derivatives
-work as for any JAX function. Values and
-derivatives equal the direct convolution's up to float rounding (about 1e-6 relative in
-float32, a few times the direct convolution's own rounding; the transform constants are exact
-in binary). In bfloat16 the value and the gradients round 2-3x worse than the direct
-convolution, which is why ``conv2d``'s ``"auto"`` never picks this for it. Measurements:
-``benchmarks/results/perf_notes.md`` (sections 2, 10 and 11).
+work as for any JAX function. Values and derivatives equal the direct convolution's up to
+float rounding (about 1e-6 relative in float32, a few times the direct convolution's own
+rounding; the transform constants are exact in binary). In bfloat16 the value and the
+gradients round 2-3x worse than the direct convolution, which is why ``conv2d``'s ``"auto"``
+never picks this for it. Measurements: ``benchmarks/results/perf_notes.md`` (sections 2, 10
+and 11).
 """
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def kernel_transform(kernel: jax.Array, flip: bool = False) -> jax.Array:
 
 def _kernel_transform_transpose(u: jax.Array) -> jax.Array:
     """Gᵀ u G, the transpose of :func:`kernel_transform` (unflipped): (16, Cin, Cout) ->
-    (3, 3, Cin, Cout)."""
+    (3, 3, Cin, Cout). Written out: ``jax.linear_transpose(kernel_transform, ...)`` gives the
+    same values, but made value + gradients of the 4x4 layers 17-22 % slower on XLA:CPU."""
     u = u.reshape(4, 4, *u.shape[1:])
     rows = [_combine([u[a] for a in range(4)], [_G[a][i] for a in range(4)]) for i in range(3)]
     return jnp.stack([jnp.stack([_combine([r[c] for c in range(4)], [_G[c][j] for c in range(4)])
