@@ -120,39 +120,43 @@ def test_forward_mode_and_nested_derivatives_match_flax(dtype, x64):
         np.testing.assert_allclose(got, want, rtol=rtol, err_msg=low)
 
 
+@pytest.mark.parametrize("tile", winograd.TILES)
 @pytest.mark.parametrize("hw, pads", [
     ((6, 5), ((1, 1), (1, 1))), ((6, 5), ((0, 0), (2, 1))), ((6, 5), ((3, 0), (0, 2))),
     ((6, 5), ((0, 1), (1, 0))), ((6, 5), ((0, 3), (1, 4))), ((6, 5), ((-1, 2), (1, -1))),
-    ((3, 3), ((0, 0), (0, 0))), ((1, 1), ((1, 1), (1, 1)))])
-def test_winograd_gradients_are_the_direct_convolutions_vjp(hw, pads, x64):
-    """input_gradient (F(2x2, 3x3) with the flipped kernel) and kernel_gradient (input tiles
-    against the spread cotangent tiles) equal the VJP of the direct convolution in x and in
-    the kernel, in float64: odd map sizes, a 1x1 output, pads over 2 (cropped in the
-    transposed convolution) and negative pads included."""
+    ((3, 3), ((0, 0), (0, 0))), ((1, 1), ((1, 1), (1, 1))), ((9, 10), ((1, 1), (1, 1)))])
+def test_winograd_value_and_gradients_are_the_direct_convolutions(hw, pads, tile, x64):
+    """With either tile, winograd_forward, input_gradient (the transposed convolution with the
+    flipped kernel) and kernel_gradient (input tiles against the spread cotangent tiles) equal
+    the direct convolution and its VJP in x and in the kernel, in float64: odd map sizes and
+    partial tiles, a 1x1 output, pads over 2 (cropped in the transposed convolution) and
+    negative pads included."""
     x = jax.random.normal(jax.random.key(0), (2, *hw, 4), jnp.float64)
     k = jax.random.normal(jax.random.key(1), (3, 3, 4, 3), jnp.float64)
     y, vjp = jax.vjp(functools.partial(conv_lib.conv2d, padding=pads, lowering="xla"), x, k)
     ct = jax.random.normal(jax.random.key(2), y.shape, jnp.float64)
     want_x, want_k = vjp(ct)
-    np.testing.assert_allclose(winograd.input_gradient(ct, k, pads), want_x, rtol=1e-12,
-                               atol=1e-12)
-    np.testing.assert_allclose(winograd.kernel_gradient(x, ct, pads), want_k, rtol=1e-12,
-                               atol=1e-12)
+    tol = dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(winograd.winograd_forward(x, k, pads, tile), y, **tol)
+    np.testing.assert_allclose(winograd.input_gradient(ct, k, pads, tile), want_x, **tol)
+    np.testing.assert_allclose(winograd.kernel_gradient(x, ct, pads, tile), want_k, **tol)
 
 
-def test_winograd_derivatives_under_vmap_and_nesting(x64):
+@pytest.mark.parametrize("tile", winograd.TILES)
+def test_winograd_derivatives_under_vmap_and_nesting(tile, x64):
     """The winograd lowering's input and kernel gradients are written as linear transposes
-    inside its custom JVP: under vmap over kernels, inputs or both, reverse-over-reverse,
-    forward-over-reverse and forward-over-forward along the input and along the kernel
-    (which evaluate those transposes), derivatives equal the direct convolution's
-    (float64)."""
+    inside its custom JVP: with either tile, under vmap over kernels, inputs or both,
+    reverse-over-reverse, forward-over-reverse and forward-over-forward along the input and
+    along the kernel (which evaluate those transposes), derivatives equal the direct
+    convolution's (float64)."""
     xs = jax.random.normal(jax.random.key(0), (2, 2, 5, 6, 4), jnp.float64)
     kernels = jax.random.normal(jax.random.key(1), (2, 3, 3, 4, 2), jnp.float64)
     pads = ((1, 1), (0, 2))
+    convs = {"xla": functools.partial(conv_lib.conv2d, padding=pads, lowering="xla"),
+             "winograd": functools.partial(winograd.winograd_conv, pads=pads, tile=tile)}
 
     def derivatives(lowering):
-        loss = lambda x, k: jnp.sum(jnp.sin(conv_lib.conv2d(x, k, padding=pads,
-                                                             lowering=lowering)) ** 2)
+        loss = lambda x, k: jnp.sum(jnp.sin(convs[lowering](x, k)) ** 2)
         grads = jax.grad(loss, argnums=(0, 1))
         x, k = xs[0], kernels[0]
         per_kernel = jax.vmap(grads, in_axes=(None, 0))(x, kernels)
@@ -206,29 +210,38 @@ def test_auto_picks_im2col_for_small_maps_on_cpu(monkeypatch):
     assert conv_lib.resolve_lowering("auto", (32, 8, 8, 8), (3, 3, 8, 8), 2) == "im2col"
 
 
-def test_auto_picks_winograd_for_3x3_stride_1_from_4x4_to_16x16_maps_on_cpu(monkeypatch):
+def test_auto_picks_winograd_for_3x3_stride_1_from_4x4_to_32x32_maps_on_cpu(monkeypatch):
+    """... and at least WINOGRAD_MIN_CIN input channels (xla or im2col below)."""
     monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
-    side = int(np.sqrt(conv_lib.WINOGRAD_MAX_AREA))
+    side, c = int(np.sqrt(conv_lib.WINOGRAD_MAX_AREA)), conv_lib.WINOGRAD_MIN_CIN
     for hw in ((4, 4), (4, 5), (8, 8), (side, side), (4, conv_lib.WINOGRAD_MAX_AREA // 4)):
-        assert conv_lib.resolve_lowering("auto", (32, *hw, 8), (3, 3, 8, 8)) == "winograd", hw
-    assert conv_lib.resolve_lowering("auto", (32, 2, 20, 8), (3, 3, 8, 8)) == "xla"
-    assert conv_lib.resolve_lowering("auto", (32, 2 * side, 2 * side, 8), (3, 3, 8, 8)) == "xla"
-    assert conv_lib.resolve_lowering("auto", (32, side, side, 8), (1, 1, 8, 8)) == "xla"
-    assert conv_lib.resolve_lowering("auto", (32, 2 * side, 2 * side, 8), (3, 3, 8, 8),
+        assert conv_lib.resolve_lowering("auto", (32, *hw, c), (3, 3, c, 8)) == "winograd", hw
+    assert conv_lib.resolve_lowering("auto", (32, side, side, c - 1), (3, 3, c - 1, 8)) == "xla"
+    assert conv_lib.resolve_lowering("auto", (32, 4, 4, c - 1), (3, 3, c - 1, 8)) == "im2col"
+    assert conv_lib.resolve_lowering("auto", (32, 2, 20, c), (3, 3, c, 8)) == "xla"
+    assert conv_lib.resolve_lowering("auto", (32, 2 * side, 2 * side, c), (3, 3, c, 8)) == "xla"
+    assert conv_lib.resolve_lowering("auto", (32, side, side, c), (1, 1, c, 8)) == "xla"
+    assert conv_lib.resolve_lowering("auto", (32, 2 * side, 2 * side, c), (3, 3, c, 8),
                                      (2, 2)) == "xla"
+
+
+def test_winograd_default_tile_is_4_from_8x8_outputs():
+    for out_hw, tile in (((4, 4), 2), ((7, 9), 2), ((8, 8), 4), ((8, 30), 4), ((32, 32), 4)):
+        assert winograd.default_tile(out_hw) == tile, out_hw
 
 
 def test_auto_leaves_winograd_to_float32_and_float64(monkeypatch):
     """bfloat16 and float16 lose accuracy in Winograd's transforms: "auto" gives them "xla"
     where float32 gets "winograd" (small maps stay "im2col" whatever the dtype)."""
     monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
-    shape, kernel = (32, 8, 8, 8), (3, 3, 8, 8)
+    c = conv_lib.WINOGRAD_MIN_CIN
+    shape, kernel = (32, 8, 8, c), (3, 3, c, 8)
     for dtype in (jnp.float32, jnp.float64):
         assert conv_lib.resolve_lowering("auto", shape, kernel, dtype=dtype) == "winograd"
     for dtype in (jnp.bfloat16, jnp.float16):
         assert conv_lib.resolve_lowering("auto", shape, kernel, dtype=dtype) == "xla"
         for hw in (2, 4):
-            assert conv_lib.resolve_lowering("auto", (32, hw, hw, 8), kernel,
+            assert conv_lib.resolve_lowering("auto", (32, hw, hw, c), kernel,
                                              dtype=dtype) == "im2col"
 
 
@@ -236,8 +249,9 @@ def test_conv2d_auto_runs_xla_for_bfloat16_mid_maps(monkeypatch):
     """conv2d decides with x's dtype: a bfloat16 8x8 map gets exactly the "xla" result (the
     winograd one rounds differently)."""
     monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16), jnp.bfloat16)
-    k = jax.random.normal(jax.random.key(1), (3, 3, 16, 8), jnp.bfloat16)
+    c = conv_lib.WINOGRAD_MIN_CIN
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, c), jnp.bfloat16)
+    k = jax.random.normal(jax.random.key(1), (3, 3, c, 8), jnp.bfloat16)
     assert not np.array_equal(conv_lib.conv2d(x, k, lowering="winograd"),
                               conv_lib.conv2d(x, k, lowering="xla"))
     np.testing.assert_array_equal(conv_lib.conv2d(x, k), conv_lib.conv2d(x, k, lowering="xla"))
@@ -282,6 +296,8 @@ def test_bad_arguments_raise_clear_errors():
         conv_lib.conv2d(x, k, padding=((1, 1), (1, 1), (1, 1)))
     with pytest.raises(ValueError, match=r"padded map \(1, 1\) is smaller than the 3x3"):
         winograd.winograd_conv(jnp.ones((1, 1, 1, 3)), k, ((0, 0), (0, 0)))
+    with pytest.raises(ValueError, match=r"tile=3 is not one of \(2, 4\)"):
+        winograd.winograd_conv(x, k, ((1, 1), (1, 1)), tile=3)
 
 
 @pytest.mark.parametrize("lowering", LOWERINGS + ("auto",))

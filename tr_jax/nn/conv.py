@@ -7,8 +7,8 @@ lowering runs.
 Three lowerings compute the same convolution (equal up to float rounding):
 
 * ``"xla"`` -- ``lax.conv_general_dilated``: what ``flax.linen.Conv`` runs. The right choice
-  on GPU and TPU, and on CPU for maps larger than 16x16 (and for smaller maps whose kernel is
-  not 3x3 stride 1).
+  on GPU and TPU, and on CPU for maps larger than 32x32 (and for smaller maps whose kernel is
+  not 3x3 stride 1 or that have fewer than 64 input channels).
 * ``"im2col"`` -- patches + one matrix product: the input is padded, the kh*kw shifted
   (strided) windows are concatenated along channels into (B, H', W', kh*kw*Cin) and
   contracted with the kernel reshaped to (kh*kw*Cin, Cout). XLA:CPU runs a 3x3 conv on a 2x2
@@ -17,18 +17,20 @@ Three lowerings compute the same convolution (equal up to float rounding):
   and ``vmap`` over a per-task kernel gives a batched product instead of a grouped
   convolution.
 * ``"winograd"`` -- 3x3 stride-1 convolutions only: the value and both gradients by
-  Winograd's F(2x2, 3x3) (:mod:`tr_jax.nn.winograd`), 2.25x fewer multiplications. On XLA:CPU
-  (AVX2), value and both gradients are 7-35 % faster than ``"xla"`` on VGG-11's 4x4 to 16x16
-  layers (``benchmarks/conv_lowering.py``; 7 % on the 16x16 64->128 layer, 29-35 % on the
-  others).
+  Winograd's F(2x2, 3x3) on maps under 8x8 and F(4x4, 3x3) from 8x8 (:mod:`tr_jax.nn.winograd`),
+  2.25x and 4x fewer multiplications. On XLA:CPU (AVX2), value and both gradients of layers
+  with at least 64 input channels are faster than ``"xla"`` on 4x4 to 32x32 maps
+  (``benchmarks/conv_lowering.py``); with fewer input channels the products are too thin and
+  they are slower.
 
 ``lowering="auto"`` (the default) picks per call, at trace time: ``"xla"`` off CPU; on CPU
-``"winograd"`` for a float32 or float64 3x3 stride-1 convolution whose output map is at least
-:data:`WINOGRAD_MIN_SIDE` on both sides with at most :data:`WINOGRAD_MAX_AREA` positions (4x4
-to 16x16), else ``"im2col"`` when the output map has at most :data:`IM2COL_MAX_AREA` positions
-(2x2 and 3x3 maps, and 4x4 maps of other kernels, strides or dtypes), else ``"xla"`` (bfloat16
-and float16 never get ``"winograd"``, see :data:`WINOGRAD_AUTO_DTYPES`). Override it per layer
-(``Conv(lowering=...)``, ``conv2d(lowering=...)``) or for the whole process with the
+``"winograd"`` for a float32 or float64 3x3 stride-1 convolution with at least
+:data:`WINOGRAD_MIN_CIN` input channels whose output map is at least :data:`WINOGRAD_MIN_SIDE`
+on both sides with at most :data:`WINOGRAD_MAX_AREA` positions (4x4 to 32x32), else
+``"im2col"`` when the output map has at most :data:`IM2COL_MAX_AREA` positions (2x2 and 3x3
+maps, and 4x4 maps of other kernels, strides, dtypes or fewer channels), else ``"xla"``
+(bfloat16 and float16 never get ``"winograd"``, see :data:`WINOGRAD_AUTO_DTYPES`). Override it
+per layer (``Conv(lowering=...)``, ``conv2d(lowering=...)``) or for the whole process with the
 environment variable ``TR_JAX_CONV_LOWERING`` (``auto``, ``xla``, ``im2col`` or ``winograd``;
 ``winograd`` applies to 3x3 stride-1 layers, the others keep ``auto``), which applies where a
 layer leaves ``lowering`` at ``"auto"``. The measurements
@@ -51,21 +53,23 @@ from tr_jax.nn.winograd import winograd_conv
 Lowering = Literal["auto", "xla", "im2col", "winograd"]
 LOWERINGS = ("auto", "xla", "im2col", "winograd")
 ENV_VAR = "TR_JAX_CONV_LOWERING"
-# On CPU, "auto" uses "winograd" for float32 / float64 3x3 stride-1 convolutions whose output
-# map is at least WINOGRAD_MIN_SIDE on both sides and has at most WINOGRAD_MAX_AREA positions
-# (H' * W'), else "im2col" up to IM2COL_MAX_AREA positions, else "xla". Measured on XLA:CPU
-# with its Eigen convolutions (cpu_runtime.configure; 2 cores, AVX2, float32, batch 32,
-# forward + both gradients, xla / im2col / winograd ms, benchmarks/results/
-# conv_lowering_avx2.md): 2x2 512->512 693 / 14 / 18; 4x4 256->512 27 / 25 / 18, 512->512
-# 53 / 51 / 35; 8x8 256->256 47 / 54 / 31; 16x16 256->256 188 / 239 / 126. On 32x32 maps the
-# layers alone are mixed (VGG's 64->128 -9 % with winograd, TAG's 64->64 +4 %) and whole steps
-# were not faster (VGG train at 64x64 657.3 vs 656.5 ms; perf_notes.md sections 10, 11): they
-# stay "xla". Smaller sides waste F(2x2, 3x3)'s tiles (a 3x3 output computes 4x4). Only
-# measured on AVX2 for 4x4 maps: on the AVX-512 VM, Winograd's forward lost to im2col there
-# (33.3 vs 26.1 ms on 4x4 512->512, before its gradients were Winograd too); run
-# conv_lowering.py there.
+# On CPU, "auto" uses "winograd" for float32 / float64 3x3 stride-1 convolutions with at least
+# WINOGRAD_MIN_CIN input channels whose output map is at least WINOGRAD_MIN_SIDE on both sides
+# and has at most WINOGRAD_MAX_AREA positions (H' * W'), else "im2col" up to IM2COL_MAX_AREA
+# positions, else "xla". Measured on XLA:CPU with its Eigen convolutions (cpu_runtime.configure;
+# 2 cores, AVX2, float32, forward + both gradients, benchmarks/results/conv_lowering_avx2.md and
+# perf_notes.md sections 10-12). With F(4x4, 3x3) from 8x8 maps, Winograd beat "xla" on every
+# VGG and TAG layer from 4x4 to 32x32 (batch 32, xla / F(2x2) / F(4x4) ms: 8x8 512->512 213 /
+# 129 / 105; 16x16 256->256 191 / 124 / 91; TAG's 32x32 64->64, batch 64, 112 / 108 / 91),
+# and whole steps gained (VGG train at 64x64 653 -> 553 ms, TAG plain step 347 -> 332). Layers
+# with fewer than 64 input channels lost to "xla" at every size (32x32 3->64 12.0 vs 24.7 ms,
+# 16x16 32->64 9.0 vs 9.8, 4x4 32->64 1.0 vs 1.2). Smaller sides waste the tiles (a 3x3 output
+# computes 4x4). Only measured on AVX2 for 4x4 maps: on the AVX-512 VM, Winograd's forward lost
+# to im2col there (33.3 vs 26.1 ms on 4x4 512->512, before its gradients were Winograd too);
+# run conv_lowering.py there.
 WINOGRAD_MIN_SIDE = 4
-WINOGRAD_MAX_AREA = 256
+WINOGRAD_MAX_AREA = 1024
+WINOGRAD_MIN_CIN = 64
 IM2COL_MAX_AREA = 16
 # "auto" uses "winograd" only for these input dtypes: in bfloat16 its rounding error is 2-3x the
 # direct convolution's (relative error 8.5e-3 vs 3e-3 on XLA:CPU; kernel gradient 8.7e-3 vs
@@ -176,7 +180,7 @@ def resolve_lowering(lowering: str, x_shape: Sequence[int], kernel_shape: Sequen
     pads = explicit_padding(padding, x_shape[1:3], kernel_shape[:2], strides)
     ho, wo = output_hw(x_shape[1:3], kernel_shape[:2], strides, pads)
     if (min(ho, wo) >= WINOGRAD_MIN_SIDE and ho * wo <= WINOGRAD_MAX_AREA
-            and winograd_applies(kernel_shape, strides)
+            and kernel_shape[2] >= WINOGRAD_MIN_CIN and winograd_applies(kernel_shape, strides)
             and jnp.dtype(dtype) in WINOGRAD_AUTO_DTYPES):
         return "winograd"
     return "im2col" if ho * wo <= IM2COL_MAX_AREA else "xla"
