@@ -210,7 +210,7 @@ def test_auto_picks_im2col_for_small_maps_on_cpu(monkeypatch):
     assert conv_lib.resolve_lowering("auto", (32, 8, 8, 8), (3, 3, 8, 8), 2) == "im2col"
 
 
-def test_auto_picks_winograd_for_3x3_stride_1_from_4x4_to_32x32_maps_on_cpu(monkeypatch):
+def test_auto_picks_winograd_for_3x3_stride_1_from_4x4_to_16x16_maps_on_cpu(monkeypatch):
     """... and at least WINOGRAD_MIN_CIN input channels (xla or im2col below)."""
     monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
     side, c = int(np.sqrt(conv_lib.WINOGRAD_MAX_AREA)), conv_lib.WINOGRAD_MIN_CIN

@@ -7,7 +7,7 @@ lowering runs.
 Three lowerings compute the same convolution (equal up to float rounding):
 
 * ``"xla"`` -- ``lax.conv_general_dilated``: what ``flax.linen.Conv`` runs. The right choice
-  on GPU and TPU, and on CPU for maps larger than 32x32 (and for smaller maps whose kernel is
+  on GPU and TPU, and on CPU for maps larger than 16x16 (and for smaller maps whose kernel is
   not 3x3 stride 1 or that have fewer than 64 input channels).
 * ``"im2col"`` -- patches + one matrix product: the input is padded, the kh*kw shifted
   (strided) windows are concatenated along channels into (B, H', W', kh*kw*Cin) and
@@ -20,13 +20,13 @@ Three lowerings compute the same convolution (equal up to float rounding):
   Winograd's F(2x2, 3x3) on maps under 8x8 and F(4x4, 3x3) from 8x8 (:mod:`tr_jax.nn.winograd`),
   2.25x and 4x fewer multiplications. On XLA:CPU (AVX2), value and both gradients of layers
   with at least 64 input channels are faster than ``"xla"`` on 4x4 to 32x32 maps
-  (``benchmarks/conv_lowering.py``); with fewer input channels the products are too thin and
-  they are slower.
+  (``benchmarks/conv_lowering.py``; ``"auto"`` uses it up to 16x16, see below); with fewer
+  input channels the products are too thin and they are slower.
 
 ``lowering="auto"`` (the default) picks per call, at trace time: ``"xla"`` off CPU; on CPU
 ``"winograd"`` for a float32 or float64 3x3 stride-1 convolution with at least
 :data:`WINOGRAD_MIN_CIN` input channels whose output map is at least :data:`WINOGRAD_MIN_SIDE`
-on both sides with at most :data:`WINOGRAD_MAX_AREA` positions (4x4 to 32x32), else
+on both sides with at most :data:`WINOGRAD_MAX_AREA` positions (4x4 to 16x16), else
 ``"im2col"`` when the output map has at most :data:`IM2COL_MAX_AREA` positions (2x2 and 3x3
 maps, and 4x4 maps of other kernels, strides, dtypes or fewer channels), else ``"xla"``
 (bfloat16 and float16 never get ``"winograd"``, see :data:`WINOGRAD_AUTO_DTYPES`). Override it
@@ -59,16 +59,18 @@ ENV_VAR = "TR_JAX_CONV_LOWERING"
 # positions, else "xla". Measured on XLA:CPU with its Eigen convolutions (cpu_runtime.configure;
 # 2 cores, AVX2, float32, forward + both gradients, benchmarks/results/conv_lowering_avx2.md and
 # perf_notes.md sections 10-12). With F(4x4, 3x3) from 8x8 maps, Winograd beat "xla" on every
-# VGG and TAG layer from 4x4 to 32x32 (batch 32, xla / F(2x2) / F(4x4) ms: 8x8 512->512 213 /
-# 129 / 105; 16x16 256->256 191 / 124 / 91; TAG's 32x32 64->64, batch 64, 112 / 108 / 91),
-# and whole steps gained (VGG train at 64x64 653 -> 553 ms, TAG plain step 347 -> 332). Layers
-# with fewer than 64 input channels lost to "xla" at every size (32x32 3->64 12.0 vs 24.7 ms,
-# 16x16 32->64 9.0 vs 9.8, 4x4 32->64 1.0 vs 1.2). Smaller sides waste the tiles (a 3x3 output
-# computes 4x4). Only measured on AVX2 for 4x4 maps: on the AVX-512 VM, Winograd's forward lost
-# to im2col there (33.3 vs 26.1 ms on 4x4 512->512, before its gradients were Winograd too);
-# run conv_lowering.py there.
+# VGG layer from 4x4 to 16x16 with at least 64 input channels (batch 32, xla / F(2x2) / F(4x4)
+# ms: 8x8 512->512 194 / 124 / 97; 16x16 256->256 197 / 137 / 93), and whole steps gained (VGG
+# train at 64x64 654 -> 573 ms). Layers with fewer input channels lost to "xla" at every size
+# (32x32 3->64 11.1 vs 19.5 ms, 16x16 32->64 9.0 vs 9.8, 4x4 32->64 1.0 vs 1.2). 32x32 maps stay
+# "xla" although F(4x4, 3x3) was faster there (TAG's 64->64, batch 64: 122 vs 104 ms): in the
+# TAG step, whose per-task gradients are vmapped, XLA:CPU turned the BatchNorm statistics of
+# those layers' outputs into slow reduce-windows and the step took 5 % longer. Smaller sides
+# waste the tiles (a 3x3 output computes 4x4). Only measured on AVX2 for 4x4 maps: on the
+# AVX-512 VM, Winograd's forward lost to im2col there (33.3 vs 26.1 ms on 4x4 512->512, before
+# its gradients were Winograd too); run conv_lowering.py there.
 WINOGRAD_MIN_SIDE = 4
-WINOGRAD_MAX_AREA = 1024
+WINOGRAD_MAX_AREA = 256
 WINOGRAD_MIN_CIN = 64
 IM2COL_MAX_AREA = 16
 # "auto" uses "winograd" only for these input dtypes: in bfloat16 its rounding error is 2-3x the
