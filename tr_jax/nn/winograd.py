@@ -21,14 +21,16 @@ reverse mode transposes them back into those:
   (tiles, Cout) products. (Autodiff *through* the forward's transforms gave the same math with
   a slower layout.)
 
-Forward mode evaluates ``L`` and ``K`` themselves (the transposed transforms): a JVP of value
-and both tangents costs about what value and gradients cost. ``vmap`` and nested derivatives
-work as for any JAX function. Values and derivatives equal the direct convolution's up to
-float rounding: in float32, about 1e-6 of the output's largest entry with F(2x2, 3x3), whose
-transform constants are exact in binary, and 2-4e-6 with F(4x4, 3x3), whose kernel transform
-has 1/6 and 1/24. In bfloat16 the value and the gradients round 2-3x worse than the direct
-convolution, which is why ``conv2d``'s ``"auto"`` never picks this for it. Measurements:
-``benchmarks/results/perf_notes.md`` (sections 2, 10, 11 and 12).
+Forward mode evaluates ``L`` and ``K`` themselves (the transposed transforms). With F(2x2, 3x3),
+against a version whose kernel tangent was a direct convolution, a JVP of value and both
+tangents was 13 % slower on a 4x4 map and 6-11 % faster on 8x8 and 16x16 maps; forward mode with
+F(4x4, 3x3) has not been timed. ``vmap`` and nested derivatives work as for any JAX function.
+Values and derivatives equal the direct convolution's up to float rounding: in float32, up to
+5e-7 of the output's largest entry with F(2x2, 3x3), whose transform constants are exact in
+binary, and up to 4e-6 with F(4x4, 3x3), whose kernel transform has 1/6 and 1/24. In bfloat16
+the value and the gradients round 2-3x worse than the direct convolution with F(2x2, 3x3)
+(F(4x4, 3x3) not measured), which is why ``conv2d``'s ``"auto"`` never picks this for it.
+Measurements: ``benchmarks/results/perf_notes.md`` (sections 2, 10, 11 and 12).
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ class _Transforms(NamedTuple):
 
 
 def _transforms(bt, g, at) -> _Transforms:
+    """The :class:`_Transforms` of F(m x m, 3x3) from its matrices' rows (spread computed)."""
     at_np = np.array(at, np.float64)
     spread = np.einsum("ra,sc->acrs", at_np, at_np).reshape(len(bt) ** 2, len(at), len(at))
     return _Transforms(bt, g, at, spread)
@@ -90,9 +93,10 @@ _TRANSFORMS = {
 
 def default_tile(out_hw: Sequence[int]) -> int:
     """The output tile side :func:`winograd_conv` uses for an (H', W') output: 4 when both
-    sides are at least :data:`TILE4_MIN_SIDE`, else 2. On XLA:CPU F(4x4, 3x3) was 13-26 %
-    faster than F(2x2, 3x3) on 8x8 to 32x32 maps and slower on 4x4 maps, whose single tile
-    per image leaves the products only the batch as rows (perf_notes.md section 12)."""
+    sides are at least :data:`TILE4_MIN_SIDE`, else 2. On XLA:CPU (value + both gradients of
+    VGG-11's and TAG's layers) F(4x4, 3x3) was 8-31 % faster than F(2x2, 3x3) on 8x8 to 32x32
+    maps, except 8x8 128->256 (12 % slower), and slower on 4x4 maps, whose single tile per
+    image leaves the products only the batch as rows (perf_notes.md section 12)."""
     return 4 if min(out_hw) >= TILE4_MIN_SIDE else 2
 
 
