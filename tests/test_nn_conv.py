@@ -211,7 +211,7 @@ def test_auto_picks_im2col_for_small_maps_on_cpu(monkeypatch):
 
 
 def test_auto_picks_winograd_for_3x3_stride_1_from_4x4_to_16x16_maps_on_cpu(monkeypatch):
-    """... and at least WINOGRAD_MIN_CIN input channels (xla or im2col below)."""
+    """Winograd needs at least WINOGRAD_MIN_CIN input channels too (xla or im2col below)."""
     monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
     side, c = int(np.sqrt(conv_lib.WINOGRAD_MAX_AREA)), conv_lib.WINOGRAD_MIN_CIN
     for hw in ((4, 4), (4, 5), (8, 8), (side, side), (4, conv_lib.WINOGRAD_MAX_AREA // 4)):

@@ -60,10 +60,10 @@ ENV_VAR = "TR_JAX_CONV_LOWERING"
 # 2 cores, AVX2, float32, forward + both gradients, benchmarks/results/conv_lowering_avx2.md and
 # perf_notes.md sections 10-12). With F(4x4, 3x3) from 8x8 maps, Winograd beat "xla" on every
 # VGG layer from 4x4 to 16x16 with at least 64 input channels (batch 32, xla / F(2x2) / F(4x4)
-# ms: 8x8 512->512 194 / 124 / 97; 16x16 256->256 197 / 137 / 93), and whole steps gained (VGG
+# ms: 8x8 512->512 189 / 121 / 94; 16x16 256->256 190 / 123 / 85), and whole steps gained (VGG
 # train at 64x64 654 -> 573 ms). Layers with fewer input channels lost to "xla" at every size
-# (32x32 3->64 11.1 vs 19.5 ms, 16x16 32->64 9.0 vs 9.8, 4x4 32->64 1.0 vs 1.2). 32x32 maps stay
-# "xla" although F(4x4, 3x3) was faster there (TAG's 64->64, batch 64: 122 vs 104 ms): in the
+# (32x32 3->64 11.2 vs 18.7 ms, 16x16 32->64 9.0 vs 9.8, 4x4 32->64 1.0 vs 1.2). 32x32 maps stay
+# "xla" although F(4x4, 3x3) was faster there (TAG's 64->64, batch 64: 114 vs 92 ms): in the
 # TAG step, whose per-task gradients are vmapped, XLA:CPU turned the BatchNorm statistics of
 # those layers' outputs into slow reduce-windows and the step took 5 % longer. Smaller sides
 # waste the tiles (a 3x3 output computes 4x4). Only measured on AVX2 for 4x4 maps: on the

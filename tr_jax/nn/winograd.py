@@ -44,7 +44,6 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
-TILES = (2, 4)
 # default_tile: F(4x4, 3x3) where the output map is at least this on both sides.
 TILE4_MIN_SIDE = 8
 
@@ -89,6 +88,7 @@ _TRANSFORMS = {
                    at=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0),
                        (0, 1, -1, 8, -8, 1))),
 }
+TILES = tuple(_TRANSFORMS)
 
 
 def default_tile(out_hw: Sequence[int]) -> int:
