@@ -43,6 +43,8 @@ import numpy as np
 import scipy.stats
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from rounds import rotated  # noqa: E402
 from tr_jax import affinity, cpu_runtime, grouping  # noqa: E402
 from tr_jax.data import load_digits  # noqa: E402
 from tr_jax.data.synthetic import load_synthetic  # noqa: E402
@@ -230,7 +232,7 @@ def time_calls(fns: dict[str, Callable], args: tuple, repeats: int,
         jax.block_until_ready(compiled[name](*args))  # first run (allocation)
         out[name] = {"compile_s": t1 - t0, "first_s": time.perf_counter() - t1, "runs": []}
     for r in range(repeats):
-        for name, fn in compiled.items():
+        for name, fn in rotated(list(compiled.items()), r):
             if r and out[name]["first_s"] * r > budget_s:
                 continue
             t0 = time.perf_counter()

@@ -32,6 +32,7 @@ import jax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import results_io  # noqa: E402
+from rounds import rotated  # noqa: E402
 from tr_jax import cpu_runtime  # noqa: E402
 from tr_jax.nn import conv, winograd  # noqa: E402
 # Winograd is timed with each tile: "winograd2" is F(2x2, 3x3), "winograd4" F(4x4, 3x3).
@@ -67,8 +68,8 @@ def measure(reps: int) -> list[dict]:
     for batch, hw, cin, cout, where in LAYERS:
         calls = {low: value_and_grads(batch, hw, cin, cout, low) for low in LOWERINGS}
         times: dict[str, list[float]] = {low: [] for low in LOWERINGS}
-        for _ in range(reps):
-            for low, call in calls.items():
+        for r in range(reps):
+            for low, call in rotated(list(calls.items()), r):
                 start = time.perf_counter()
                 call()
                 times[low].append((time.perf_counter() - start) * 1e3)

@@ -1,4 +1,5 @@
-"""Per-ISA result files shared by the CPU benchmarks (``vs_peers.py``, ``conv_lowering.py``).
+"""Result files shared by the CPU benchmarks (``vs_peers.py``, ``conv_lowering.py``,
+``routing_overhead.py``).
 
 XLA's and the peers' kernels differ by vector ISA, so such results are kept apart per ISA:
 ``benchmarks/results/<name>_<isa>.{json,md}`` unless the caller passes its own path.

@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rounds import rotated  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TASK_COUNTS = (9, 40, 100, 312)
@@ -163,7 +166,7 @@ def run_jobs(jobs: list[dict], reps: int) -> list[dict]:
         b["times"] = []
         built.append(b)
     for r in range(reps):
-        for b in built:
+        for b in rotated(built, r):
             if b["state"] is None:
                 continue
             t0 = time.perf_counter()
