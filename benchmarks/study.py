@@ -26,7 +26,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from rounds import rotated  # noqa: E402
 from tr_jax import cli, cpu_runtime  # noqa: E402
 from tr_jax.experiment import build_dataset  # noqa: E402
 from tr_jax.study import (GroupTrainer, format_study_table, hoa_task_sets,  # noqa: E402
@@ -43,8 +45,7 @@ def interleaved_cost(config, rounds: int) -> dict:
     trainer.fit(everything, config.seed)
     samples = {"tag": [], "hoa": []}
     for r in range(rounds):
-        order = ("tag", "hoa") if r % 2 == 0 else ("hoa", "tag")
-        for method in order:
+        for method in rotated(("tag", "hoa"), r):
             nets = ([trainer.fit(everything, r, "lookahead")] if method == "tag" else
                     [trainer.fit(tasks, r) for tasks in hoa_task_sets(dataset.num_tasks)])
             samples[method].append((sum(n.seconds for n in nets),

@@ -36,6 +36,7 @@ from typing import Callable
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import jax_cases  # noqa: E402  (puts the repository on sys.path)
 import results_io  # noqa: E402
+from rounds import rotated  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ANCHORS = REPO.parent / "shared" / "anchors"
@@ -193,8 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     for rnd in range(args.rounds):
         timings = {"peer": {}, "jax": {}}
         for framework, group in groups.items():
-            order = ("peer", "jax") if rnd % 2 == 0 else ("jax", "peer")
-            for side in order:
+            for side in rotated(("peer", "jax"), rnd):
                 if side == "peer":
                     timings["peer"].update(run_peer(framework, group, args))
                 else:
