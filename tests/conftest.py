@@ -1,4 +1,4 @@
-"""Shared pytest setup: tests run on CPU; x64 is switched on only inside `x64` contexts."""
+"""Shared pytest setup: tests run on CPU; x64 is switched on only inside the `x64` fixture."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -11,6 +11,16 @@ TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
 from tr_jax import cpu_runtime  # noqa: E402
 
 cpu_runtime.configure()   # as the tr-jax command line does: faster XLA:CPU steps
+
+
+@pytest.fixture
+def x64():
+    """Runs the test with float64 enabled (``jax.enable_x64``), off again afterwards."""
+    with jax.enable_x64(True):
+        yield

@@ -30,12 +30,6 @@ DATA = pathlib.Path(__file__).parent / "data"
 LR = 0.05
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def per_task_ce(logits, labels):
     """(B, T, K) logits, (B, T) labels -> (T,) mean softmax cross-entropy, written out."""
     logp = jax.nn.log_softmax(logits, axis=-1)

@@ -19,12 +19,6 @@ NUM_TASKS = 5
 WARMUP = 60
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 @functools.lru_cache(maxsize=None)
 def mlp_problem(num_tasks=NUM_TASKS, hidden=(16, 16), batch=32, dim=10, seed=0,
                 dtype=jnp.float64):

@@ -37,12 +37,6 @@ def _lowerings(kernel, strides):
             if low != "winograd" or conv_lib.winograd_applies(kernel, strides)]
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def _loss(module, params, x):
     return jnp.sum(jnp.sin(module.apply({"params": params}, x)))
 
@@ -197,10 +191,15 @@ def test_vmapped_kernels_match_per_kernel_calls(lowering):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_auto_picks_im2col_for_small_maps_on_cpu(monkeypatch):
+@pytest.fixture
+def auto_env(monkeypatch):
+    """Clears ``TR_JAX_CONV_LOWERING`` for the test, so that "auto" decides by itself."""
+    monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
+
+
+def test_auto_picks_im2col_for_small_maps_on_cpu(auto_env):
     """2x2 and 3x3 maps, thin maps, and maps up to IM2COL_MAX_AREA that winograd does not
     compute."""
-    monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
     for hw in ((2, 2), (3, 3), (3, 5), (1, 16)):
         assert conv_lib.resolve_lowering("auto", (32, *hw, 8), (3, 3, 8, 8)) == "im2col", hw
     side = int(np.sqrt(conv_lib.IM2COL_MAX_AREA))
@@ -210,9 +209,8 @@ def test_auto_picks_im2col_for_small_maps_on_cpu(monkeypatch):
     assert conv_lib.resolve_lowering("auto", (32, 8, 8, 8), (3, 3, 8, 8), 2) == "im2col"
 
 
-def test_auto_picks_winograd_for_3x3_stride_1_from_4x4_to_16x16_maps_on_cpu(monkeypatch):
+def test_auto_picks_winograd_for_3x3_stride_1_from_4x4_to_16x16_maps_on_cpu(auto_env):
     """Winograd needs at least WINOGRAD_MIN_CIN input channels too (xla or im2col below)."""
-    monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
     side, c = int(np.sqrt(conv_lib.WINOGRAD_MAX_AREA)), conv_lib.WINOGRAD_MIN_CIN
     for hw in ((4, 4), (4, 5), (8, 8), (side, side), (4, conv_lib.WINOGRAD_MAX_AREA // 4)):
         assert conv_lib.resolve_lowering("auto", (32, *hw, c), (3, 3, c, 8)) == "winograd", hw
@@ -230,10 +228,9 @@ def test_winograd_default_tile_is_4_from_8x8_outputs():
         assert winograd.default_tile(out_hw) == tile, out_hw
 
 
-def test_auto_leaves_winograd_to_float32_and_float64(monkeypatch):
+def test_auto_leaves_winograd_to_float32_and_float64(auto_env):
     """bfloat16 and float16 lose accuracy in Winograd's transforms: "auto" gives them "xla"
     where float32 gets "winograd" (small maps stay "im2col" whatever the dtype)."""
-    monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
     c = conv_lib.WINOGRAD_MIN_CIN
     shape, kernel = (32, 8, 8, c), (3, 3, c, 8)
     for dtype in (jnp.float32, jnp.float64):
@@ -245,10 +242,9 @@ def test_auto_leaves_winograd_to_float32_and_float64(monkeypatch):
                                              dtype=dtype) == "im2col"
 
 
-def test_conv2d_auto_runs_xla_for_bfloat16_mid_maps(monkeypatch):
+def test_conv2d_auto_runs_xla_for_bfloat16_mid_maps(auto_env):
     """conv2d decides with x's dtype: a bfloat16 8x8 map gets exactly the "xla" result (the
     winograd one rounds differently)."""
-    monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
     c = conv_lib.WINOGRAD_MIN_CIN
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, c), jnp.bfloat16)
     k = jax.random.normal(jax.random.key(1), (3, 3, c, 8), jnp.bfloat16)
@@ -257,8 +253,7 @@ def test_conv2d_auto_runs_xla_for_bfloat16_mid_maps(monkeypatch):
     np.testing.assert_array_equal(conv_lib.conv2d(x, k), conv_lib.conv2d(x, k, lowering="xla"))
 
 
-def test_auto_is_xla_off_cpu(monkeypatch):
-    monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
+def test_auto_is_xla_off_cpu(auto_env, monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert conv_lib.resolve_lowering("auto", (32, 2, 2, 512), (3, 3, 512, 512)) == "xla"
 
@@ -316,6 +311,7 @@ def test_a_kernel_larger_than_the_padded_map_raises_for_every_lowering(lowering)
     (dict(padding=((1, 1), (1,))), r"padding\[1\]=\(1,\) must be an int n"),
     (dict(padding=(1.0, 1)), r"padding\[0\]=1.0 must be an int n"),
     (dict(padding=(1, 1, 1)), "must describe the 2 spatial dims"),
+    (dict(padding="FULL"), r"padding='FULL' is unknown; use one of \('SAME', 'SAME_LOWER'"),
 ])
 def test_malformed_strides_and_padding_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -323,10 +319,12 @@ def test_malformed_strides_and_padding_name_the_argument(kwargs, message):
 
 
 def test_int_strides_kernel_size_and_numpy_int_padding():
-    """An int n means (n, n), NumPy ints included, as for flax's 2-D windows."""
+    """An int n means (n, n), NumPy ints and 0-d int arrays included, as for flax's 2-D
+    windows."""
     x, k = jax.random.normal(jax.random.key(0), (1, 5, 5, 3)), jnp.ones((3, 3, 3, 2))
     want = conv_lib.conv2d(x, k, (2, 2), ((1, 1), (1, 1)), lowering="xla")
-    for strides, padding in ((2, 1), (np.int64(2), np.int64(1)), ((2, 2), (np.int32(1), 1))):
+    for strides, padding in ((2, 1), (np.int64(2), np.int64(1)), ((2, 2), (np.int32(1), 1)),
+                             (np.array(2), np.array(1))):
         np.testing.assert_array_equal(
             conv_lib.conv2d(x, k, strides, padding, lowering="xla"), want)
     module = conv_lib.Conv(2, kernel_size=np.int64(3), strides=2, padding=1, lowering="xla")

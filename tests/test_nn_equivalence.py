@@ -2,7 +2,8 @@
 gives the parameters plain Flax layers give.
 
 Each model is trained for a few steps from the same seed twice: with the default
-(backend-aware) layers (im2col, winograd, the folded BatchNorm), and with plain ``lax.conv``
+(backend-aware) layers (im2col, winograd, the folded BatchNorm; the test checks that "auto"
+picked each conv lowering), and with plain ``lax.conv``
 (``TR_JAX_CONV_LOWERING=xla``), ``flax.linen.max_pool`` and ``flax.linen.BatchNorm`` patched
 into the backbones. The runs are in float64, where the two agree to ~1e-15: in float32 the
 rounding differences of the lowerings (~1e-7) are
@@ -38,12 +39,6 @@ def _train(model, state, opt, mode, batch, steps=2):
     return state, losses
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def _bn_outputs(module, variables, x, train, tangent):
     """Output, updated batch_stats, gradients (params, x) of a weighted sum of sin(y), and the
     JVP along ``tangent`` of x."""
@@ -67,8 +62,8 @@ def test_batch_norm_matches_flax(dtype, x64):
         x = jax.random.normal(jax.random.key(i), shape, dtype) * 1.5 + offset
         tangent = jax.random.normal(jax.random.key(50 + i), shape, dtype)
         options = BN_OPTIONS[i % len(BN_OPTIONS)]
-        for train in (True, False):
-            kwargs = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        for training in (True, False):
+            kwargs = dict(use_running_average=not training, momentum=0.9, epsilon=1e-5,
                           param_dtype=dtype, **options)
             ref, mine = nn.BatchNorm(**kwargs), norm_lib.BatchNorm(**kwargs)
             variables = ref.init(jax.random.key(0), x)
@@ -80,13 +75,13 @@ def test_batch_norm_matches_flax(dtype, x64):
             variables = jax.tree.unflatten(tree, [
                 jnp.abs(a + 0.3 * jax.random.normal(k, a.shape, a.dtype))
                 for a, k in zip(leaves, keys)])
-            runs.append((f"{shape} {options} train={train}", ref, mine, train,
+            runs.append((f"{shape} {options} train={training}", ref, mine, training,
                          (variables, x, tangent)))
 
     @jax.jit
     def evaluate(inputs):
-        return [tuple(_bn_outputs(m, *args[:2], train, args[2]) for m in (ref, mine))
-                for (_, ref, mine, train, _), args in zip(runs, inputs)]
+        return [tuple(_bn_outputs(m, *args[:2], training, args[2]) for m in (ref, mine))
+                for (_, ref, mine, training, _), args in zip(runs, inputs)]
 
     for (label, *_), (want, got) in zip(runs, evaluate([r[-1] for r in runs])):
         assert got[0].dtype == want[0].dtype == dtype
@@ -112,19 +107,32 @@ def test_batch_norm_low_precision_dtype_like_flax():
 
 
 def test_fast_layers_train_like_plain_flax(x64, monkeypatch):
-    """Routed VGG-11-BN at 16x16 input: 3x3 convs on 16..1-pixel maps ("auto": winograd on
-    16x16 to 4x4, im2col below) and 2x2 max-pools, against plain flax layers with "xla".
-    (The TAG encoder's 3x3/2 pool is covered by tests/test_nn_pool.py.)"""
+    """Routed VGG-11-BN (width 1/2) at 32x32 input: 3x3 convs on 32..2-pixel maps and 2x2
+    max-pools, against plain flax layers with "xla". "auto" runs every lowering here: xla on
+    32x32 and 16x16 (the latter with 32 input channels), winograd F(4x4, 3x3) on 8x8 and
+    F(2x2, 3x3) on 4x4, im2col on 2x2. (The TAG encoder's 3x3/2 pool is covered by
+    tests/test_nn_pool.py.)"""
     rng = np.random.default_rng(0)
     num_tasks = 3
-    batch = {"image": jnp.asarray(rng.standard_normal((4, 16, 16, 3)), jnp.float64),
-             "labels": jnp.asarray(rng.integers(0, 2, (4, num_tasks)), jnp.int32)}
-    model = models.RoutedVGG(num_tasks=num_tasks, sharing=0.5, width_multiplier=0.125)
+    batch = {"image": jnp.asarray(rng.standard_normal((2, 32, 32, 3)), jnp.float64),
+             "labels": jnp.asarray(rng.integers(0, 2, (2, num_tasks)), jnp.int32)}
+    model = models.RoutedVGG(num_tasks=num_tasks, sharing=0.5, width_multiplier=0.5)
     mode = "task_per_batch"
     opt = optax.sgd(0.05, momentum=0.9)
     state = train.create_train_state(model, opt, jax.random.key(0), batch)
     monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
+    chosen = []   # (output side, lowering) of every conv the fast steps trace
+
+    def recording_resolve(*args, **kwargs):
+        lowering = resolve_lowering(*args, **kwargs)
+        chosen.append((args[1][1], lowering))   # SAME padding, stride 1: output side = input's
+        return lowering
+
+    resolve_lowering = conv_lib.resolve_lowering
+    monkeypatch.setattr(conv_lib, "resolve_lowering", recording_resolve)
     fast, fast_losses = _train(model, state, opt, mode, batch)
+    assert sorted(set(chosen)) == [(2, "im2col"), (4, "winograd"), (8, "winograd"),
+                                   (16, "xla"), (32, "xla")]
     monkeypatch.setenv(conv_lib.ENV_VAR, "xla")
     monkeypatch.setattr(backbones, "max_pool", nn.max_pool)
     monkeypatch.setattr(layers, "BatchNorm", nn.BatchNorm)

@@ -76,6 +76,7 @@ def test_ties_send_the_gradient_to_the_first_maximum():
 def test_nan_propagates_like_max():
     x = jnp.array([1.0, jnp.nan, 3.0, 0.5]).reshape(1, 2, 2, 1)
     assert np.isnan(max_pool(x, (2, 2), (2, 2))).all()
+    # the custom JVP rule computes its own primal output (the separable chain of selects)
     assert np.isnan(jax.jvp(lambda a: max_pool(a, (2, 2), (2, 2)), (x,), (x,))[0]).all()
 
 

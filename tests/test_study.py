@@ -15,8 +15,7 @@ from tr_jax import cli, grouping, train
 from tr_jax.data import load_digits, task_subset
 from tr_jax.data.synthetic import load_synthetic
 from tr_jax.experiment import build_model, build_optimizer
-from tr_jax.study import (METHODS, GroupTrainer, hold_out_validation, random_partition,
-                          run_study)
+from tr_jax.study import METHODS, GroupTrainer, hold_out_validation, random_partition
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 TINY = f"""

@@ -7,13 +7,14 @@ lowering runs.
 Three lowerings compute the same convolution (equal up to float rounding):
 
 * ``"xla"`` -- ``lax.conv_general_dilated``: what ``flax.linen.Conv`` runs. The right choice
-  on GPU and TPU, and on CPU for maps larger than 16x16 (and for smaller maps whose kernel is
-  not 3x3 stride 1 or that have fewer than 64 input channels).
+  on GPU and TPU, and on CPU for output maps of more than 16 positions that ``"winograd"``
+  does not take (larger than 16x16, or not 3x3 stride 1, or fewer than 64 input channels).
 * ``"im2col"`` -- patches + one matrix product: the input is padded, the kh*kw shifted
   (strided) windows are concatenated along channels into (B, H', W', kh*kw*Cin) and
-  contracted with the kernel reshaped to (kh*kw*Cin, Cout). XLA:CPU runs a 3x3 conv on a 2x2
-  map (VGG-11's last block at 32x32 input) ~75x slower than this product, forward and
-  input-gradient alike. Autodiff of the product gives matrix products for both gradients,
+  contracted with the kernel reshaped to (kh*kw*Cin, Cout). XLA:CPU computes the value and
+  both gradients of a 3x3 conv on a 2x2 map (VGG-11's last block at 32x32 input, 512->512,
+  batch 32) ~50x slower than this product (700 vs 14 ms,
+  ``benchmarks/results/conv_lowering_avx2.md``). Autodiff of the product gives matrix products for both gradients,
   and ``vmap`` over a per-task kernel gives a batched product instead of a grouped
   convolution.
 * ``"winograd"`` -- 3x3 stride-1 convolutions only: the value and both gradients by
@@ -79,6 +80,7 @@ IM2COL_MAX_AREA = 16
 WINOGRAD_AUTO_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
+PADDING_NAMES = ("SAME", "SAME_LOWER", "VALID")   # what lax.padtype_to_pads takes
 
 
 def _check_lowering(lowering: str, where: str) -> None:
@@ -87,7 +89,9 @@ def _check_lowering(lowering: str, where: str) -> None:
 
 
 def _is_int(value: Any) -> bool:
-    """Whether ``value`` is a Python or NumPy integer (not a bool)."""
+    """Whether ``value`` is a Python or NumPy integer (not a bool), or a 0-d NumPy int array."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0 and np.issubdtype(value.dtype, np.integer)
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -124,6 +128,9 @@ def explicit_padding(padding: Padding, in_hw: Sequence[int], kernel_hw: Sequence
       strides: (sh, sw).
     """
     if isinstance(padding, str):
+        if padding.upper() not in PADDING_NAMES:
+            raise ValueError(f"padding={padding!r} is unknown; use one of {PADDING_NAMES}, an "
+                             "int or explicit ((lo, hi), (lo, hi)) pairs.")
         pads = lax.padtype_to_pads(tuple(in_hw), tuple(kernel_hw), tuple(strides), padding)
         return tuple((int(lo), int(hi)) for lo, hi in pads)
     if _is_int(padding):

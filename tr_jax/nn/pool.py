@@ -2,8 +2,9 @@
 
 ``flax.linen.max_pool`` lowers to ``lax.reduce_window``; its derivative in current JAX is a
 variadic reduce-window that carries one int32 index array per input dimension (built from
-full-size iotas) plus a scatter. On XLA:CPU that costs about as much as a convolution layer
-of VGG-11 (~16% of a train step, see ``benchmarks/results/perf_notes.md``).
+full-size iotas) plus a scatter. On XLA:CPU the value and gradient of the TAG encoder's 3x3/2
+pool (after BatchNorm and ReLU, (64, 64, 64, 64) float32) took 151.8 ms that way and 45.3 ms
+with this module (``benchmarks/results/perf_notes.md``, section 8).
 
 :func:`max_pool` keeps ``lax.reduce_window`` for the value (the fastest forward) and gives it
 a custom JVP that pools separably, along H and then along W: the (``-inf``-padded) axis is
@@ -40,7 +41,7 @@ def _phase_split(a: jax.Array, axis: int, stride: int, pad_lo: int, rows: int,
     Window tap k of output o, ``a[o * stride + k - pad_lo]``, is then the contiguous slice
     ``[o + k // stride, k % stride]``. Strided slices instead transpose to interior
     (strided) pads, which XLA:CPU fuses into slow loops: the TAG pool's value and gradient
-    took 2.4x as long with them (perf_notes.md, section 8).
+    took 2.1x as long with them (95.6 vs 45.3 ms, perf_notes.md, section 8).
     """
     hi = rows * stride - a.shape[axis] - pad_lo
     if hi < 0:  # trailing elements no window reaches
@@ -97,7 +98,7 @@ def _max_pool_jvp(window, strides, pads, out_hw, primals, tangents):
     # Max is separable: pool along H (each column's first maximum and its row), then along W,
     # where equal column maxima go to the lowest row, then the first column -- the row-major
     # first maximum of the 2-D window. H before W: the transpose then ends in the outer-axis
-    # phase split, whose pads XLA:CPU fuses into faster loops (TAG plain step -8 %,
+    # phase split, whose pads XLA:CPU fuses into faster loops (TAG plain step -8 to -9 %,
     # perf_notes.md section 8).
     (x,), (t,) = primals, tangents
     x, t, rows = _pool_1d(x, t, 1, window[0], strides[0], pads[0], out_hw[0])

@@ -6,8 +6,8 @@ input tile: ``Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`` (Lavin & Gray, "Fast Algo
 Convolutional Neural Networks", 2016). The input and kernel transforms are additions and
 scalings; the products become (m + 2)² independent (tiles, Cin) x (Cin, Cout) matrix products:
 per output position and channel pair, 4 multiply-adds with F(2x2, 3x3) and 2.25 with
-F(4x4, 3x3), against the direct convolution's 9. F(4x4, 3x3) needs maps of 8x8 or more to fill
-its tiles; by default (:func:`default_tile`) smaller maps use F(2x2, 3x3).
+F(4x4, 3x3), against the direct convolution's 9. By default (:func:`default_tile`) maps under
+8x8 use F(2x2, 3x3), which was faster there.
 
 :func:`winograd_conv` is a ``custom_jvp`` function whose tangent is ``L(dx) + K(dk)``, both
 written as linear transposes (``jax.linear_transpose``) of Winograd computations, so that
