@@ -1,13 +1,13 @@
 """How the T per-task computations of an affinity run inside one jit: the strategies.
 
-Measured on XLA:CPU (2 cores; the TAG CelebA encoder, 64x64, batch 64; whole TAG step /
-plain step, ``benchmarks/results/affinity_cost.md``):
+Measured on XLA:CPU (2 cores, AVX2; the TAG CelebA encoder, 64x64, batch 64; whole TAG step,
+``benchmarks/results/affinity_cost.md``, 2026-11-27):
 
-- T = 9: backward and forward ``"unrolled"`` 6.4x, ``"auto"`` (below) 7.4x, ``"chunked"``
-  (vmapped chunks of 3) 11x, full ``"vmap"`` 18x with 5.3 GB peak instead of 1.1-1.2 GB:
+- T = 9: backward and forward ``"unrolled"`` 3.52 s, ``"auto"`` (below) 3.48 s, ``"chunked"``
+  (vmapped chunks of 3) 4.29 s, full ``"vmap"`` 5.57 s with 4.1 GB peak instead of 1.2-1.5 GB:
   vmapping per-task weights turns the lookahead's convolutions into grouped convolutions,
-  which XLA:CPU runs slowly. T = 40: ``"auto"`` 28x, ``"unrolled"`` 29x, a Python loop over
-  jitted pieces 52x. ``"auto"`` and ``"unrolled"`` are within this shared machine's noise.
+  which XLA:CPU runs slowly. T = 40: ``"auto"`` 14.8 s, ``"unrolled"`` 14.9 s, ``"chunked"``
+  16.7 s, a Python loop over jitted pieces 19.0 s (the plain step: 0.43 s).
 - Per-task backward passes: inside a ``jax.lax.map`` loop XLA:CPU leaves the transposed
   (gradient) convolutions in a non-canonical layout that it runs with a naive kernel, 50-200x
   slower (a probe: one 64x64-channel conv's kernel gradient took 215 s in a loop vs 0.95 s
