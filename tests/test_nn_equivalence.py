@@ -122,13 +122,13 @@ def test_fast_layers_train_like_plain_flax(x64, monkeypatch):
     state = train.create_train_state(model, opt, jax.random.key(0), batch)
     monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
     chosen = []   # (output side, lowering) of every conv the fast steps trace
+    resolve_lowering = conv_lib.resolve_lowering
 
     def recording_resolve(*args, **kwargs):
         lowering = resolve_lowering(*args, **kwargs)
         chosen.append((args[1][1], lowering))   # SAME padding, stride 1: output side = input's
         return lowering
 
-    resolve_lowering = conv_lib.resolve_lowering
     monkeypatch.setattr(conv_lib, "resolve_lowering", recording_resolve)
     fast, fast_losses = _train(model, state, opt, mode, batch)
     assert sorted(set(chosen)) == [(2, "im2col"), (4, "winograd"), (8, "winograd"),

@@ -14,9 +14,9 @@ Three lowerings compute the same convolution (equal up to float rounding):
   contracted with the kernel reshaped to (kh*kw*Cin, Cout). XLA:CPU computes the value and
   both gradients of a 3x3 conv on a 2x2 map (VGG-11's last block at 32x32 input, 512->512,
   batch 32) ~50x slower than this product (700 vs 14 ms,
-  ``benchmarks/results/conv_lowering_avx2.md``). Autodiff of the product gives matrix products for both gradients,
-  and ``vmap`` over a per-task kernel gives a batched product instead of a grouped
-  convolution.
+  ``benchmarks/results/conv_lowering_avx2.md``). Autodiff of the product gives matrix
+  products for both gradients, and ``vmap`` over a per-task kernel gives a batched product
+  instead of a grouped convolution.
 * ``"winograd"`` -- 3x3 stride-1 convolutions only: the value and both gradients by
   Winograd's F(2x2, 3x3) on maps under 8x8 and F(4x4, 3x3) from 8x8 (:mod:`tr_jax.nn.winograd`),
   2.25x and 4x fewer multiplications. On XLA:CPU (AVX2), value and both gradients of layers
