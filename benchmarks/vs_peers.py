@@ -12,8 +12,11 @@ unchanged in their own environments. The tr_jax cases (``jax_cases.py``) are the
 batches and optimizers through ``tr_jax.train.make_train_step``. Each round runs the torch
 script, the tr_jax routing cases, the TF script and the tr_jax TAG cases, one after the other
 (the order flips every round); every case is the median of its timed steps in that round and
-each row's ratio (tr_jax / peer) is the median over rounds of the per-round ratios. The tr_jax
-cases are compiled once, before the first round (compile times are reported apart).
+each row's ratio (tr_jax / peer) is the median over rounds of the per-round ratios. Like the
+peers, whose two scripts are two processes, tr_jax runs each group (the routing rows, the TAG
+rows) in its own worker process: once a 64x64 VGG case had run in a process, its TAG plain
+step stayed 20-30 % slower (perf_notes.md section 13). A worker compiles its cases once,
+before the first round (compile times are reported apart), and times them when asked.
 
 Writes ``benchmarks/results/vs_peers_<ISA>.json`` (every timing) and ``.md`` (the table), one
 pair per vector ISA (``avx2``, ``avx512``): the peers' kernels and ours differ by ISA.
@@ -129,6 +132,56 @@ def time_jax(step: Callable[[], None], steps: int) -> float:
     return statistics.median(times)
 
 
+REPLY = "@vs_peers "   # prefixes a worker's replies on its stdout; anything else is passed on
+
+
+def serve(keys: list[str]) -> None:
+    """The worker: compiles the rows ``keys``, replies ``{key: compile s}``, then answers each
+    stdin line ``KEY STEPS`` with the median ms of ``STEPS`` timed steps, until stdin closes."""
+    steps, compile_s = {}, {}
+    for row in (r for r in ROWS if r.key in keys):
+        start = time.perf_counter()
+        steps[row.key] = row.build()
+        steps[row.key]()                              # first call: compile + run
+        compile_s[row.key] = time.perf_counter() - start
+        print(f"tr_jax {row.key}: compiled and ran once in {compile_s[row.key]:.1f} s",
+              file=sys.stderr, flush=True)
+    print(REPLY + json.dumps(compile_s), flush=True)
+    for line in sys.stdin:
+        key, n = line.split()
+        print(REPLY + json.dumps(time_jax(steps[key], int(n))), flush=True)
+
+
+class Worker:
+    """A ``vs_peers.py --worker`` process holding one group's compiled tr_jax cases."""
+
+    def __init__(self, rows: list[Row]):
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", ",".join(r.key for r in rows)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.compile_s: dict[str, float] = self._reply()
+
+    def _reply(self):
+        """The worker's next reply (other stdout lines are printed through)."""
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+            print(line, end="")
+        raise RuntimeError(f"the tr_jax worker exited with status {self.proc.wait()} (its "
+                           "error is printed above).")
+
+    def time(self, row: Row, steps: int) -> float:
+        """Median ms of ``steps`` timed steps of ``row``, run in the worker."""
+        self.proc.stdin.write(f"{row.key} {steps}\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        """Ends the worker (stdin closed) and waits for it."""
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
 def check_peers(args, frameworks: set[str]) -> None:
     """Clear errors when a peer script or its environment is missing."""
     for framework in frameworks:
@@ -171,7 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None,
                     help="output path without suffix (default: benchmarks/results/"
                          "vs_peers_<ISA>, e.g. vs_peers_avx2)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)   # ROWS keys; see serve()
     args = ap.parse_args(argv)
+    if args.worker:
+        return serve(args.worker.split(","))
     keys = [r.key for r in ROWS] if args.rows == "all" else args.rows.split(",")
     unknown = set(keys) - {r.key for r in ROWS}
     if unknown:
@@ -181,13 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     groups = {f: g for f, g in groups.items() if g}
     check_peers(args, set(groups))
 
-    steps, compile_s = {}, {}
-    for row in rows:                                  # compile every tr_jax case once
-        start = time.perf_counter()
-        steps[row.key] = row.build()
-        steps[row.key]()                              # first call: compile + run
-        compile_s[row.key] = time.perf_counter() - start
-        print(f"tr_jax {row.key}: compiled and ran once in {compile_s[row.key]:.1f} s", flush=True)
+    workers = {f: Worker(group) for f, group in groups.items()}   # compiles the cases
+    compile_s = {k: v for w in workers.values() for k, v in w.compile_s.items()}
 
     load_avg = os.getloadavg()
     per_round = []
@@ -200,13 +251,15 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     for row in group:
                         n = args.slow_steps if row.slow else args.steps
-                        timings["jax"][row.key] = time_jax(steps[row.key], n)
+                        timings["jax"][row.key] = workers[framework].time(row, n)
             for row in group:
                 print(f"round {rnd + 1} {row.key}: {framework} "
                       f"{timings['peer'][row.key]:.0f} ms, tr_jax {timings['jax'][row.key]:.0f} "
                       f"ms, ratio {timings['jax'][row.key] / timings['peer'][row.key]:.2f}",
                       flush=True)
         per_round.append(timings)
+    for worker in workers.values():
+        worker.close()
 
     summary = []
     for row in rows:
