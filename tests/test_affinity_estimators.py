@@ -349,3 +349,44 @@ def test_train_step_measures_representation_affinity():
     with pytest.raises(ValueError, match="routed"):
         train.make_train_step(SmallCNN(num_tasks=4, sharing=0.5), opt,
                               affinity="representation", lr=0.1)
+
+
+def test_forward_mode_estimators_run_no_winograd_convolutions(monkeypatch):
+    """The sketch and the curvature of taylor order 2 run ``jax.jvp``: their convolutions are
+    XLA's, not the Winograd lowering (slow in forward mode), which the same loss uses in
+    reverse mode; the curvature equals a reverse-mode (Winograd) Hessian-vector product."""
+    from tr_jax.nn import conv as conv_lib
+
+    monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
+    c = conv_lib.WINOGRAD_MIN_CIN
+    batch = jax.random.normal(jax.random.key(0), (2, 8, 8, c))
+    shared = {"k": 0.05 * jax.random.normal(jax.random.key(1), (3, 3, c, 3))}
+    rest = jnp.ones(3)
+
+    def loss_fn(s, r, b):
+        return jnp.mean(jnp.tanh(conv_lib.conv2d(b, s["k"])) ** 2, axis=(0, 1, 2)) + r
+
+    def sketch(s):
+        return est.sketched_affinity(loss_fn, s, rest, batch, lr=0.1, key=jax.random.key(2),
+                                     num_directions=4)
+
+    def curvature(s, directions):
+        return est.second_directional_derivatives(loss_fn, s, rest, batch, directions)
+
+    def grad_j(s, j):
+        return jax.grad(lambda s_: loss_fn(s_, rest, batch)[j])(s)
+
+    directions = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), (2, *a.shape)),
+                              shared)
+    direct = "conv_general_dilated"
+    assert direct in str(jax.make_jaxpr(sketch)(shared))
+    assert direct in str(jax.make_jaxpr(curvature)(shared, directions))
+    assert direct not in str(jax.make_jaxpr(grad_j, static_argnums=1)(shared, 0))
+    assert np.all(np.isfinite(sketch(shared)))
+    reference = [[est.tree_gram(jax.tree.map(lambda a: a[None, n], directions),
+                                jax.tree.map(lambda a: a[None], jax.jvp(
+                                    lambda s: grad_j(s, j), (shared,),
+                                    (jax.tree.map(lambda a: a[n], directions),))[1]))[0, 0]
+                  for j in range(3)] for n in range(2)]
+    np.testing.assert_allclose(curvature(shared, directions), np.array(reference),
+                               rtol=2e-4, atol=1e-6)

@@ -36,12 +36,20 @@ environment variable ``TR_JAX_CONV_LOWERING`` (``auto``, ``xla``, ``im2col`` or 
 ``winograd`` applies to 3x3 stride-1 layers, the others keep ``auto``), which applies where a
 layer leaves ``lowering`` at ``"auto"``. The measurements
 behind the thresholds are in ``benchmarks/results/perf_notes.md``.
+
+Forward mode: inside :func:`forward_mode_lowering` (a ``with`` block around the code that is
+traced), ``"auto"`` and the environment variable never pick ``"winograd"``. The estimators
+that run ``jax.jvp`` (:mod:`tr_jax.affinity.estimators`) trace their JVPs in it, because a JVP
+through F(4x4, 3x3) layers evaluates the transposed transforms and was 7-9x slower than
+``"xla"`` (see :mod:`tr_jax.nn.winograd`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
 import os
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import flax.linen as nn
 import jax
@@ -78,6 +86,8 @@ IM2COL_MAX_AREA = 16
 # direct convolution's (relative error 8.5e-3 vs 3e-3 on XLA:CPU; kernel gradient 8.7e-3 vs
 # 4.0e-3).
 WINOGRAD_AUTO_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+# Set inside forward_mode_lowering(): "auto" then never resolves to "winograd".
+_FORWARD_MODE = contextvars.ContextVar("tr_jax_conv_forward_mode", default=False)
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
 PADDING_NAMES = ("SAME", "SAME_LOWER", "VALID")   # what lax.padtype_to_pads takes
@@ -165,6 +175,23 @@ def winograd_applies(kernel_shape: Sequence[int], strides: Sequence[int]) -> boo
     return tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
 
 
+@contextlib.contextmanager
+def forward_mode_lowering() -> Iterator[None]:
+    """Within the block, layers left at ``lowering="auto"`` that are *traced* there never use
+    ``"winograd"`` (nor does ``TR_JAX_CONV_LOWERING=winograd``): they get ``"im2col"`` or
+    ``"xla"`` by output map size. Wrap code that is differentiated in forward mode only
+    (``jax.jvp``): the Winograd layers' tangents run the transposed transforms, 7-9x slower than
+    ``"xla"`` with F(4x4, 3x3). Values equal up to float rounding. It acts at trace time, so put
+    it inside the jitted function, around the forward-mode part; an explicit
+    ``lowering="winograd"`` is kept.
+    """
+    token = _FORWARD_MODE.set(True)
+    try:
+        yield
+    finally:
+        _FORWARD_MODE.reset(token)
+
+
 def resolve_lowering(lowering: str, x_shape: Sequence[int], kernel_shape: Sequence[int],
                      strides: Sequence[int] = (1, 1), padding: Padding = "SAME", *,
                      dtype: Any = jnp.float32) -> str:
@@ -174,13 +201,15 @@ def resolve_lowering(lowering: str, x_shape: Sequence[int], kernel_shape: Sequen
     ``winograd`` leaves layers it cannot compute to the automatic choice), then picks by
     backend (``jax.default_backend()``), output map size and ``dtype`` (the input's; only
     :data:`WINOGRAD_AUTO_DTYPES` get ``"winograd"``) as described in the module docstring.
+    Inside :func:`forward_mode_lowering`, ``"auto"`` never gives ``"winograd"``.
     """
     _check_lowering(lowering, "lowering")
     strides = as_pair("strides", strides)
     if lowering == "auto":
         lowering = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
         _check_lowering(lowering, ENV_VAR)
-        if lowering == "winograd" and not winograd_applies(kernel_shape, strides):
+        if lowering == "winograd" and (_FORWARD_MODE.get()
+                                       or not winograd_applies(kernel_shape, strides)):
             lowering = "auto"
     if lowering != "auto":
         return lowering
@@ -190,7 +219,7 @@ def resolve_lowering(lowering: str, x_shape: Sequence[int], kernel_shape: Sequen
     ho, wo = output_hw(x_shape[1:3], kernel_shape[:2], strides, pads)
     if (min(ho, wo) >= WINOGRAD_MIN_SIDE and ho * wo <= WINOGRAD_MAX_AREA
             and kernel_shape[2] >= WINOGRAD_MIN_CIN and winograd_applies(kernel_shape, strides)
-            and jnp.dtype(dtype) in WINOGRAD_AUTO_DTYPES):
+            and jnp.dtype(dtype) in WINOGRAD_AUTO_DTYPES and not _FORWARD_MODE.get()):
         return "winograd"
     return "im2col" if ho * wo <= IM2COL_MAX_AREA else "xla"
 
