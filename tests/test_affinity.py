@@ -167,6 +167,42 @@ def test_unrolled_backward_passes_reuse_memory():
     assert temp_bytes(8) - temp_bytes(2) < activation
 
 
+@pytest.mark.parametrize("has_aux", [False, True])
+def test_many_unrolled_backward_passes_skip_winograd(monkeypatch, has_aux):
+    """Up to UNROLLED_WINOGRAD_MAX_TASKS unrolled per-task backward passes keep the Winograd
+    lowering; more trace XLA's convolutions (compiling T copies of the transforms was slow and
+    large); the gradients are the same either way."""
+    from tr_jax.affinity import per_task
+    from tr_jax.nn import conv as conv_lib
+
+    monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
+    c = conv_lib.WINOGRAD_MIN_CIN
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, c))
+    shared = {"k": 0.05 * jax.random.normal(jax.random.key(1), (3, 3, c, 4))}
+
+    def loss_fn(s, r, b):
+        per_channel = jnp.mean(jnp.tanh(conv_lib.conv2d(b, s["k"])) ** 2, axis=(0, 1, 2))
+        losses = per_channel[jnp.arange(r.shape[0]) % 4] * r
+        return (losses, losses.sum()) if has_aux else losses
+
+    def grads(num_tasks):
+        rest = jnp.linspace(0.5, 1.5, num_tasks)
+        fn = lambda s: per_task_and_total_grads(loss_fn, s, rest, x, has_aux=has_aux)[1]  # noqa: E731
+        return str(jax.make_jaxpr(fn)(shared)), fn(shared)
+
+    for num_tasks in (per_task.UNROLLED_WINOGRAD_MAX_TASKS, per_task.UNROLLED_WINOGRAD_MAX_TASKS + 1):
+        jaxpr, got = grads(num_tasks)
+        skipped = num_tasks > per_task.UNROLLED_WINOGRAD_MAX_TASKS
+        assert ("conv_general_dilated" in jaxpr) == skipped, num_tasks
+        with conv_lib.skip_winograd():   # XLA's convolutions, each task's gradient alone
+            rest = jnp.linspace(0.5, 1.5, num_tasks)
+            ref = [jax.grad(lambda s, i=i: (loss_fn(s, rest, x)[0] if has_aux
+                                            else loss_fn(s, rest, x))[i])(shared)["k"]
+                   for i in (0, num_tasks - 1)]
+        assert_close(got["k"][0], ref[0], atol=1e-6)
+        assert_close(got["k"][-1], ref[1], atol=1e-6)
+
+
 def test_split_and_merge_params_round_trip():
     params = {"encoder": {"a": {"kernel": np.ones((2, 3))}, "b": np.zeros(2)},
               "head": {"kernel": np.ones((3, 2, 2))}}

@@ -273,14 +273,14 @@ def test_env_var_overrides_auto_but_not_an_explicit_choice(monkeypatch):
         conv_lib.resolve_lowering("auto", (32, 2, 2, 8), (3, 3, 8, 8))
 
 
-def test_forward_mode_lowering_keeps_auto_and_the_env_var_off_winograd(auto_env, monkeypatch):
+def test_skip_winograd_keeps_auto_and_the_env_var_off_winograd(auto_env, monkeypatch):
     """Inside the block "auto" gives what it would without Winograd (xla, or im2col on small
     maps); an explicit choice is kept, and leaving the block restores "winograd"."""
     c = conv_lib.WINOGRAD_MIN_CIN
     cases = {(32, 8, 8, c): "xla", (32, 4, 4, c): "im2col"}
     for shape, inside in cases.items():
         kernel = (3, 3, c, 8)
-        with conv_lib.forward_mode_lowering():
+        with conv_lib.skip_winograd():
             assert conv_lib.resolve_lowering("auto", shape, kernel) == inside, shape
             assert conv_lib.resolve_lowering("winograd", shape, kernel) == "winograd"
             monkeypatch.setenv(conv_lib.ENV_VAR, "winograd")

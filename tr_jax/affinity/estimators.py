@@ -46,7 +46,7 @@ from tr_jax.affinity.per_task import (LossFn, PyTree, assert_task_axis, check_lo
 from tr_jax.affinity.strategy import Strategy, map_tasks, resolve_strategy
 from tr_jax.models import MultiTaskModel
 from tr_jax.models.heads import MultiTaskHead
-from tr_jax.nn.conv import forward_mode_lowering
+from tr_jax.nn.conv import skip_winograd
 
 Distribution = Literal["rademacher", "gaussian"]
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -73,10 +73,10 @@ def loss_jvp(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, tangent:
     """``(losses (T,), dlosses (T,))``: the per-task losses and their derivative along
     ``tangent`` (a tree like ``shared``, cast to its dtypes), i.e. ``g_i·tangent`` for all i.
 
-    Traced in :func:`tr_jax.nn.conv.forward_mode_lowering`: convolutions left at ``"auto"``
+    Traced in :func:`tr_jax.nn.conv.skip_winograd`: convolutions left at ``"auto"``
     skip the Winograd lowering, whose forward mode is slow on CPU."""
     tangent = jax.tree.map(lambda t, s: t.astype(s.dtype), tangent, shared)
-    with forward_mode_lowering():
+    with skip_winograd():
         return jax.jvp(lambda s: loss_fn(s, rest, batch), (shared,), (tangent,))
 
 

@@ -8,6 +8,7 @@ that means for BatchNorm.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Collection, Mapping
 
 import chex
@@ -15,12 +16,20 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from tr_jax.affinity.strategy import Strategy, map_tasks, resolve_strategy
+from tr_jax.affinity.strategy import Strategy, map_tasks, resolve_strategy, unrolls_backward
+from tr_jax.nn.conv import skip_winograd
 
 __all__ = ["LossFn", "PyTree", "assert_task_axis", "check_losses", "check_shared",
            "merge_params", "per_task_and_total_grads", "per_task_grads", "pull_back_tasks",
-           "select_like", "split_params"]
+           "select_like", "split_params", "task_vjp"]
 
+# task_vjp: unrolled per-task backward passes of more tasks than this skip the Winograd
+# lowering. Exact lookahead, batch 32, 32x32 input, XLA:CPU (AVX-512, 2026-11-28), compile s /
+# run s / peak GB, Winograd -> without: VGG-11-BN (unrouted) T = 9 44 / 1.41 / 3.5 -> 14 / 1.64
+# / 2.6, T = 40 110 / 8.28 / 9.9 -> 25 / 9.11 / 7.2; TAG encoder T = 9 13-16 / 0.32-0.35 / 1.1
+# -> 4 / 0.31 / 0.7, T = 40 38 / 1.38 / 1.9 -> 7 / 1.35 / 0.8, T = 100 116 / 3.90 / 4.8 -> (all
+# layers "xla") 12 / 3.26 / 1.1; at T = 312 compiling with Winograd went past 12 GB.
+UNROLLED_WINOGRAD_MAX_TASKS = 16
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, Any], jax.Array]
 Path = tuple[str, ...]
@@ -80,9 +89,26 @@ def per_task_grads(loss_fn: LossFn, shared: PyTree, rest: PyTree, batch: Any, *,
         the strategy is unknown or ``chunk_size`` is not a positive int.
     """
     check_shared(shared)
-    losses, pullback = jax.vjp(lambda s: loss_fn(s, rest, batch), shared)
+    losses, pullback = task_vjp(lambda s: loss_fn(s, rest, batch), shared, strategy=strategy)
     (grads,) = pull_back_tasks(pullback, losses, strategy, chunk_size)
     return losses, grads
+
+
+def task_vjp(fn: Callable, *primals: Any, strategy: Strategy, has_aux: bool = False) -> Any:
+    """``jax.vjp(fn, *primals, has_aux=has_aux)`` for T per-task pullbacks run by ``strategy``.
+
+    Where those pullbacks are unrolled (on CPU, :func:`~tr_jax.affinity.strategy.unrolls_backward`)
+    and T > :data:`UNROLLED_WINOGRAD_MAX_TASKS`, ``fn`` is traced in
+    :func:`tr_jax.nn.conv.skip_winograd`: the compiled program holds T copies of the backward
+    pass, and T copies of the Winograd layers' transforms made compiling slow and large.
+    """
+    scope = contextlib.nullcontext()
+    if unrolls_backward(strategy):
+        out = jax.eval_shape(fn, *primals)
+        if check_losses(out[0] if has_aux else out) > UNROLLED_WINOGRAD_MAX_TASKS:
+            scope = skip_winograd()
+    with scope:
+        return jax.vjp(fn, *primals, has_aux=has_aux)
 
 
 def pull_back_tasks(pullback: Callable, losses: jax.Array, strategy: Strategy = "auto",
@@ -123,7 +149,8 @@ def per_task_and_total_grads(loss_fn: Callable[..., Any], shared: PyTree, rest: 
       ``jax.tree.map(lambda g: g.sum(0), grads)``.
     """
     check_shared(shared)
-    out = jax.vjp(lambda s, r: loss_fn(s, r, batch), shared, rest, has_aux=has_aux)
+    out = task_vjp(lambda s, r: loss_fn(s, r, batch), shared, rest, strategy=strategy,
+                   has_aux=has_aux)
     losses, pullback, aux = out if has_aux else (*out, None)
     grads = pull_back_tasks(lambda e: pullback(e)[0], losses, strategy, chunk_size)
     rest_grad = pullback(jnp.ones_like(losses))[1]

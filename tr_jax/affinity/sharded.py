@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from tr_jax.affinity.lookahead import (UpdateFn, affinity_from_losses, check_lr,
                                        lookahead_losses, sgd_update)
 from tr_jax.affinity.per_task import (LossFn, PyTree, assert_task_axis, check_losses,
-                                      check_shared)
+                                      check_shared, task_vjp)
 from tr_jax.affinity.strategy import Strategy, map_tasks, resolve_strategy
 P = jax.P  # the task axis is tr_jax.sharding.TASK = "task" (not imported: tr_jax.sharding
 # imports tr_jax.train, which may import tr_jax.affinity)
@@ -83,7 +83,8 @@ def sharded_lookahead_affinity(loss_fn: LossFn, shared: PyTree, rest: PyTree, ba
     def rows(sources, shared, rest, batch):
         if losses_and_grads is not None:
             return lookahead(shared, rest, batch, sources, strategy=forward, chunk_size=chunk)
-        losses, pullback = jax.vjp(lambda s: loss_fn(s, rest, batch), shared)
+        losses, pullback = task_vjp(lambda s: loss_fn(s, rest, batch), shared,
+                                    strategy=backward)
         sources = sources.astype(losses.dtype)
         if backward != "chunked":
             (grads,) = map_tasks(pullback, sources, backward, back_chunk)

@@ -62,7 +62,7 @@ def resolve_strategy(strategy: str, num_tasks: int, chunk_size: int | None, *,
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
     check_chunk_size(chunk_size)
     cpu = jax.default_backend() == "cpu"
-    if backward and cpu and strategy in ("auto", "chunked"):
+    if backward and strategy != "unrolled" and unrolls_backward(strategy):
         return "unrolled", None
     if strategy != "auto":
         return strategy, chunk_size
@@ -71,6 +71,13 @@ def resolve_strategy(strategy: str, num_tasks: int, chunk_size: int | None, *,
     if num_tasks <= AUTO_ACCEL_VMAP_MAX and chunk_size is None:
         return "vmap", None
     return "chunked", chunk_size or AUTO_ACCEL_VMAP_MAX
+
+
+def unrolls_backward(strategy: str) -> bool:
+    """Whether per-task backward passes run by ``strategy`` are unrolled whatever T is:
+    ``"unrolled"``, and on CPU ``"auto"`` and ``"chunked"`` too (see :func:`resolve_strategy`)."""
+    return strategy == "unrolled" or (strategy in ("auto", "chunked")
+                                      and jax.default_backend() == "cpu")
 
 
 def after(x: Any, previous: Any) -> Any:

@@ -37,11 +37,13 @@ environment variable ``TR_JAX_CONV_LOWERING`` (``auto``, ``xla``, ``im2col`` or 
 layer leaves ``lowering`` at ``"auto"``. The measurements
 behind the thresholds are in ``benchmarks/results/perf_notes.md``.
 
-Forward mode: inside :func:`forward_mode_lowering` (a ``with`` block around the code that is
-traced), ``"auto"`` and the environment variable never pick ``"winograd"``. The estimators
-that run ``jax.jvp`` (:mod:`tr_jax.affinity.estimators`) trace their JVPs in it, because a JVP
-through F(4x4, 3x3) layers evaluates the transposed transforms and was 7-9x slower than
-``"xla"`` (see :mod:`tr_jax.nn.winograd`).
+Inside :func:`skip_winograd` (a ``with`` block around code being traced) ``"auto"`` and the
+environment variable never pick ``"winograd"``. tr_jax traces two kinds of code there: the
+estimators' ``jax.jvp`` calls (:mod:`tr_jax.affinity.estimators`), because a JVP through
+F(4x4, 3x3) layers evaluates the transposed transforms and was 7-9x slower than ``"xla"`` (see
+:mod:`tr_jax.nn.winograd`); and on CPU the forward whose T per-task backward passes are
+unrolled, for T above :data:`tr_jax.affinity.per_task.UNROLLED_WINOGRAD_MAX_TASKS`, because T
+copies of the transforms made compiling slow and large.
 """
 from __future__ import annotations
 
@@ -86,8 +88,8 @@ IM2COL_MAX_AREA = 16
 # direct convolution's (relative error 8.5e-3 vs 3e-3 on XLA:CPU; kernel gradient 8.7e-3 vs
 # 4.0e-3).
 WINOGRAD_AUTO_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
-# Set inside forward_mode_lowering(): "auto" then never resolves to "winograd".
-_FORWARD_MODE = contextvars.ContextVar("tr_jax_conv_forward_mode", default=False)
+# Set inside skip_winograd(): "auto" then never resolves to "winograd".
+_SKIP_WINOGRAD = contextvars.ContextVar("tr_jax_conv_skip_winograd", default=False)
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
 PADDING_NAMES = ("SAME", "SAME_LOWER", "VALID")   # what lax.padtype_to_pads takes
@@ -176,20 +178,20 @@ def winograd_applies(kernel_shape: Sequence[int], strides: Sequence[int]) -> boo
 
 
 @contextlib.contextmanager
-def forward_mode_lowering() -> Iterator[None]:
+def skip_winograd() -> Iterator[None]:
     """Within the block, layers left at ``lowering="auto"`` that are *traced* there never use
     ``"winograd"`` (nor does ``TR_JAX_CONV_LOWERING=winograd``): they get ``"im2col"`` or
-    ``"xla"`` by output map size. Wrap code that is differentiated in forward mode only
-    (``jax.jvp``): the Winograd layers' tangents run the transposed transforms, 7-9x slower than
-    ``"xla"`` with F(4x4, 3x3). Values equal up to float rounding. It acts at trace time, so put
-    it inside the jitted function, around the forward-mode part; an explicit
-    ``lowering="winograd"`` is kept.
+    ``"xla"`` by output map size; an explicit ``lowering="winograd"`` is kept. Values equal up
+    to float rounding. Wrap code differentiated in forward mode only (``jax.jvp``: the
+    Winograd tangents run the transposed transforms, 7-9x slower than ``"xla"`` with
+    F(4x4, 3x3)), or code unrolled many times. It acts at trace time, so put it inside the
+    jitted function.
     """
-    token = _FORWARD_MODE.set(True)
+    token = _SKIP_WINOGRAD.set(True)
     try:
         yield
     finally:
-        _FORWARD_MODE.reset(token)
+        _SKIP_WINOGRAD.reset(token)
 
 
 def resolve_lowering(lowering: str, x_shape: Sequence[int], kernel_shape: Sequence[int],
@@ -201,14 +203,14 @@ def resolve_lowering(lowering: str, x_shape: Sequence[int], kernel_shape: Sequen
     ``winograd`` leaves layers it cannot compute to the automatic choice), then picks by
     backend (``jax.default_backend()``), output map size and ``dtype`` (the input's; only
     :data:`WINOGRAD_AUTO_DTYPES` get ``"winograd"``) as described in the module docstring.
-    Inside :func:`forward_mode_lowering`, ``"auto"`` never gives ``"winograd"``.
+    Inside :func:`skip_winograd`, ``"auto"`` never gives ``"winograd"``.
     """
     _check_lowering(lowering, "lowering")
     strides = as_pair("strides", strides)
     if lowering == "auto":
         lowering = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
         _check_lowering(lowering, ENV_VAR)
-        if lowering == "winograd" and (_FORWARD_MODE.get()
+        if lowering == "winograd" and (_SKIP_WINOGRAD.get()
                                        or not winograd_applies(kernel_shape, strides)):
             lowering = "auto"
     if lowering != "auto":
@@ -219,7 +221,7 @@ def resolve_lowering(lowering: str, x_shape: Sequence[int], kernel_shape: Sequen
     ho, wo = output_hw(x_shape[1:3], kernel_shape[:2], strides, pads)
     if (min(ho, wo) >= WINOGRAD_MIN_SIDE and ho * wo <= WINOGRAD_MAX_AREA
             and kernel_shape[2] >= WINOGRAD_MIN_CIN and winograd_applies(kernel_shape, strides)
-            and jnp.dtype(dtype) in WINOGRAD_AUTO_DTYPES and not _FORWARD_MODE.get()):
+            and jnp.dtype(dtype) in WINOGRAD_AUTO_DTYPES and not _SKIP_WINOGRAD.get()):
         return "winograd"
     return "im2col" if ho * wo <= IM2COL_MAX_AREA else "xla"
 

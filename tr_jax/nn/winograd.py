@@ -28,7 +28,7 @@ F(4x4, 3x3) is slow (known problem, 2026-11-27, AVX2, batch 32, ms, winograd / x
 value and both tangents took 147 / 16 on 16x16 64->64 and 111 / 16 on 8x8 128->128 (the
 kernel tangent alone 20 / 10 and 40 / 11; F(2x2, 3x3) on 4x4 256->256: 25 / 21), and the
 sketched affinity, which is forward mode, ran ~9x slower than with ``"xla"``; so the
-estimators trace their JVPs in :func:`tr_jax.nn.conv.forward_mode_lowering`, where ``"auto"``
+estimators trace their JVPs in :func:`tr_jax.nn.conv.skip_winograd`, where ``"auto"``
 skips this lowering. ``vmap`` and nested derivatives work as for any JAX function.
 Values and derivatives equal the direct convolution's up to float rounding: in float32, up to
 5e-7 of the output's largest entry with F(2x2, 3x3), whose transform constants are exact in
