@@ -345,7 +345,9 @@ def test_train_step_measures_representation_affinity():
     ref, _ = plain(train.create_train_state(model, opt, jax.random.key(2), batch), batch)
     np.testing.assert_allclose(metrics["affinity"], want, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(train.mean_affinity(new), want, rtol=1e-5, atol=1e-7)
-    jax.tree.map(np.testing.assert_allclose, new.params, ref.params)  # the update is unchanged
+    # the update is unchanged (two programs: float32 rounding may differ by a few ulp)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 new.params, ref.params)
     with pytest.raises(ValueError, match="routed"):
         train.make_train_step(SmallCNN(num_tasks=4, sharing=0.5), opt,
                               affinity="representation", lr=0.1)

@@ -1,4 +1,4 @@
-"""tr_jax.cpu_runtime: glibc serves large blocks from its heap; XLA gets the conv flag once."""
+"""tr_jax.cpu_runtime: glibc serves large blocks from its heap; XLA gets each flag once."""
 import os
 import subprocess
 import sys
@@ -26,18 +26,27 @@ print(libc.mallinfo2().hblkhd - before)
 libc.free(ctypes.c_void_p(block))
 """
 
-# configure() in a fresh process, then a convolution: prints what took effect and XLA_FLAGS.
+# configure() in a fresh process, then a convolution: prints what took effect for the setting
+# argv[1] and XLA_FLAGS.
 FLAG_PROBE = """
-import os, jax, jax.numpy as jnp
+import os, sys, jax, jax.numpy as jnp
 from tr_jax import cpu_runtime
-print(cpu_runtime.configure()["prefer_eigen_convolutions"])
-print(cpu_runtime.configure()["prefer_eigen_convolutions"])   # twice: the flag once
+setting = sys.argv[1]
+print(cpu_runtime.configure()[setting])
+print(cpu_runtime.configure()[setting])   # twice: the flag once
 x = jnp.ones((1, 8, 8, 4))
 jax.block_until_ready(jax.lax.conv(x.transpose(0, 3, 1, 2), jnp.ones((4, 4, 3, 3)), (1, 1),
                                    "SAME"))
-print(cpu_runtime.prefer_eigen_convolutions())   # after the backend started: no change
+print(getattr(cpu_runtime, setting)())   # after the backend started: no change
 print(os.environ["XLA_FLAGS"])
 """
+# (setting, the flag it adds, a user's own value of that flag)
+FLAG_SETTINGS = [
+    ("prefer_eigen_convolutions", cpu_runtime.EIGEN_CONV_FLAG,
+     f"{cpu_runtime.YNN_FLAG}=individual_convolution"),
+    ("prefer_legacy_loop_emitters", cpu_runtime.LEGACY_EMITTERS_FLAG,
+     f"{cpu_runtime.EMITTERS_FLAG}=true"),
+]
 
 
 def _run(code: str, *args: str, env: dict | None = None) -> list[str]:
@@ -53,20 +62,21 @@ def test_keep_freed_buffers_serves_large_blocks_from_the_heap():
     assert cpu_runtime.keep_freed_buffers()        # idempotent (conftest applied it already)
 
 
-def test_prefer_eigen_convolutions_sets_the_flag_once_and_respects_the_users():
+@pytest.mark.parametrize("setting, flag, mine", FLAG_SETTINGS)
+def test_flag_settings_set_their_flag_once_and_respect_the_users(setting, flag, mine):
     measured = cpu_runtime.jaxlib.__version__.startswith("0.10.")
-    first, second, late, flags = _run(FLAG_PROBE, env={"XLA_FLAGS": ""})
+    first, second, late, flags = _run(FLAG_PROBE, setting, env={"XLA_FLAGS": ""})
     assert (first, second) == (str(measured), str(measured))
     assert late == str(measured)     # already in XLA_FLAGS: reported, not added again
-    assert flags.split().count(cpu_runtime.EIGEN_CONV_FLAG) == int(measured)
-    mine = f"{cpu_runtime.YNN_FLAG}=individual_convolution"
-    first, _, _, flags = _run(FLAG_PROBE, env={"XLA_FLAGS": mine})
-    assert first == "False" and flags == mine
+    assert flags.split().count(flag) == int(measured)
+    first, _, _, flags = _run(FLAG_PROBE, setting, env={"XLA_FLAGS": mine})
+    assert first == "False" and mine in flags.split() and flag not in flags.split()
 
 
-def test_prefer_eigen_convolutions_does_nothing_once_the_backend_runs():
+@pytest.mark.parametrize("setting", [s for s, _, _ in FLAG_SETTINGS])
+def test_flag_settings_do_nothing_once_the_backend_runs(setting):
     code = ("import jax.numpy as jnp; jnp.ones(1).block_until_ready()\n"
-            "from tr_jax import cpu_runtime; print(cpu_runtime.prefer_eigen_convolutions())")
+            f"from tr_jax import cpu_runtime; print(cpu_runtime.{setting}())")
     assert _run(code, env={"XLA_FLAGS": ""}) == ["False"]
 
 

@@ -120,6 +120,11 @@ def test_fast_layers_train_like_plain_flax(x64, monkeypatch):
     mode = "task_per_batch"
     opt = optax.sgd(0.05, momentum=0.9)
     state = train.create_train_state(model, opt, jax.random.key(0), batch)
+    # Parameters and statistics in float64 too: float32 ones would round each update, where
+    # two programs may differ by an ulp (an FMA in one and not the other).
+    params, stats = jax.tree.map(lambda a: a.astype(jnp.float64), (state.params,
+                                                                   state.batch_stats))
+    state = state.replace(params=params, batch_stats=stats, opt_state=opt.init(params))
     monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
     chosen = []   # (output side, lowering) of every conv the fast steps trace
     resolve_lowering = conv_lib.resolve_lowering

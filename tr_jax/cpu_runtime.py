@@ -1,6 +1,6 @@
 """Process settings that make XLA:CPU steps faster; call :func:`configure` first thing.
 
-Two settings, each measured on the project's 2-core x86 VM (AVX-512) with jax 0.10.2
+Three settings, each measured on the project's 2-core x86 VM (AVX-512) with jax 0.10.2
 (``benchmarks/results/perf_notes.md``):
 
 * :func:`keep_freed_buffers` -- XLA:CPU takes every step's buffers (activations, gradients,
@@ -14,10 +14,19 @@ Two settings, each measured on the project's 2-core x86 VM (AVX-512) with jax 0.
   by default; XLA's Eigen convolutions are ~1.8x faster here for 64-channel 3x3 layers
   (TAG's 32x32 64->64 convolution, forward and both gradients: 166 -> 94 ms) and no slower
   elsewhere. The TAG plain step went from 430 to 318 ms.
+* :func:`prefer_legacy_loop_emitters` -- jaxlib 0.10 generates XLA:CPU's loop fusions with
+  its newer MLIR emitters by default. The older LLVM IR emitters
+  (``--xla_cpu_use_fusion_emitters=false``) run the reduce-window of TAG's 3x3/2 max-pool
+  forward 3x faster (64x64x64x64: 11.3 -> 3.6 ms) and fused transposes up to 2x faster, and
+  compile 10-25 % faster. TAG step T = 9: 2691 -> 2494-2548 ms; the plain and VGG steps
+  are no slower (section 15 of ``perf_notes.md``).
 
 The ``tr-jax`` command line, the benchmarks and the tests call :func:`configure`; library
 users opt in with ``tr_jax.cpu_runtime.configure()`` before their first JAX computation.
-Neither setting changes any result, and neither touches GPU or TPU computations.
+None of them touches GPU or TPU computations. The first two change no result; the legacy
+emitters round differently (another order of float operations): after three TAG steps
+(T = 9) the parameters differed by up to 1.5e-5 of their largest entry and the lookahead
+affinity by up to 9e-5 of its largest.
 """
 from __future__ import annotations
 
@@ -34,9 +43,11 @@ M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 MALLOC_SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_ARENA_MAX, 1))
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 EIGEN_CONV_FLAG = f"{YNN_FLAG}=-individual_convolution"
-# XLA aborts the process on a flag it does not know: the flag is set only for the jaxlib
-# releases it was measured with.
-EIGEN_CONV_JAXLIB = ((0, 10),)
+EMITTERS_FLAG = "--xla_cpu_use_fusion_emitters"
+LEGACY_EMITTERS_FLAG = f"{EMITTERS_FLAG}=false"
+# XLA aborts the process on a flag it does not know: the flags are set only for the jaxlib
+# releases they were measured with.
+MEASURED_JAXLIB = ((0, 10),)
 
 
 def keep_freed_buffers() -> bool:
@@ -62,7 +73,7 @@ def _backends_initialized() -> bool:
     """Whether JAX has created its backends (and so XLA has read ``XLA_FLAGS``).
 
     Asks JAX's private ``xla_bridge``; where a JAX release moved it, answers True, so that
-    :func:`prefer_eigen_convolutions` leaves the flags alone instead of failing.
+    :func:`_add_xla_flag` leaves the flags alone instead of failing.
     """
     try:
         from jax._src import xla_bridge
@@ -72,24 +83,38 @@ def _backends_initialized() -> bool:
         return True
 
 
-def prefer_eigen_convolutions() -> bool:
-    """Adds ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` to XLA_FLAGS.
+def _add_xla_flag(name: str, flag: str) -> bool:
+    """Appends ``flag`` (``name=value``) to XLA_FLAGS for the backends still to be created.
 
     XLA reads the flags when JAX creates its backends (the first computation), so this only
-    acts before then. It leaves XLA_FLAGS alone when it already sets the YNN fusion types
-    (your choice wins) and on jaxlib releases it was not measured with.
+    acts before then. It leaves XLA_FLAGS alone when they already set ``name`` (your choice
+    wins) and on jaxlib releases the flag was not measured with (:data:`MEASURED_JAXLIB`).
 
     Returns:
-      True when the flag is in XLA_FLAGS for the backends still to be created.
+      True when ``flag`` is in XLA_FLAGS for the backends still to be created.
     """
     flags = os.environ.get("XLA_FLAGS", "")
-    if YNN_FLAG in flags:
-        return EIGEN_CONV_FLAG in flags.split()
+    if name in flags:
+        return flag in flags.split()
     version = tuple(int(p) for p in jaxlib.__version__.split(".")[:2])
-    if version not in EIGEN_CONV_JAXLIB or _backends_initialized():
+    if version not in MEASURED_JAXLIB or _backends_initialized():
         return False
-    os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONV_FLAG}".strip()
+    os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
     return True
+
+
+def prefer_eigen_convolutions() -> bool:
+    """Adds ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` to XLA_FLAGS
+    (see the module docstring; unless XLA_FLAGS set the YNN fusion types, before the first
+    computation, on jaxlib 0.10). Returns whether the flag is set for the coming backends."""
+    return _add_xla_flag(YNN_FLAG, EIGEN_CONV_FLAG)
+
+
+def prefer_legacy_loop_emitters() -> bool:
+    """Adds ``--xla_cpu_use_fusion_emitters=false`` to XLA_FLAGS (see the module docstring;
+    unless XLA_FLAGS set that flag, before the first computation, on jaxlib 0.10). Returns
+    whether the flag is set for the coming backends."""
+    return _add_xla_flag(EMITTERS_FLAG, LEGACY_EMITTERS_FLAG)
 
 
 def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, str]:
@@ -129,6 +154,7 @@ def describe_machine(features: tuple[str, str] | None = None) -> str:
 
 
 def configure() -> dict[str, bool]:
-    """Applies both settings; returns which ones took effect (by function name)."""
+    """Applies the three settings; returns which ones took effect (by function name)."""
     return {"keep_freed_buffers": keep_freed_buffers(),
-            "prefer_eigen_convolutions": prefer_eigen_convolutions()}
+            "prefer_eigen_convolutions": prefer_eigen_convolutions(),
+            "prefer_legacy_loop_emitters": prefer_legacy_loop_emitters()}
